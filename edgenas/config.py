@@ -1,0 +1,144 @@
+"""One strict way into configuration: YAML + `--set a.b=v`, validated against a typed schema.
+
+Unknown keys and wrong types are one-line errors that name the dotted key; a missing file is an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """Bad configuration: the message is one line, fit to print as is."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetConfig(Section):
+    name: Literal["cifar10", "cifar100", "imagenette", "folder", "synthetic"] = "cifar10"
+    root: str | None = None  # None: ~/.cache/edgenas/data/<name>
+    download: bool = True  # torchvision datasets only; fails with a clear message offline
+    train_split: str = "train"  # folder datasets: sub-folder names
+    test_split: str | None = None  # folder datasets: None picks 'test', else 'val'
+    image_size: int | None = None  # resize folder images to a square; imagenette defaults to 160
+    val_size: int = Field(5000, ge=1)
+    train_subset: int | None = Field(None, ge=1)
+    split_seed: int = 0
+    cache_dir: str | None = None  # None: $EDGENAS_CACHE or ~/.cache/edgenas
+    # synthetic only
+    num_classes: int = Field(10, ge=2)
+    in_shape: tuple[int, int, int] = (3, 32, 32)
+    synthetic_size: int = Field(2000, ge=2)
+
+
+class AugmentConfig(Section):
+    crop_padding: int = Field(4, ge=0)
+    flip: bool = True
+
+
+class TrainConfig(Section):
+    """Defaults are the paper's one-epoch proxy protocol."""
+
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    nesterov: bool = False
+    schedule: Literal["constant", "cosine", "onecycle"] = "constant"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    amp: bool = False  # bf16 autocast, CUDA only
+    channels_last: bool = True  # faster convolutions on CPU and GPU; falls back when a model needs NCHW
+    seed: int = 0
+    eval_batch_size: int = Field(500, ge=1)
+    augment: AugmentConfig = AugmentConfig()
+
+
+class BudgetConfig(Section):
+    max_params: int | None = Field(None, ge=1)
+    max_macs: int | None = Field(None, ge=1)
+    max_memory_mb: float | None = Field(None, gt=0)
+
+
+class EvalConfig(Section):
+    timeout_s: float = Field(900.0, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads in the candidate; None: all cores
+    memory_limit_mb: int = Field(8192, ge=256)  # hard cap of the candidate process (CPU RAM or GPU memory)
+    output_limit_bytes: int = Field(1 << 20, ge=1024)
+    latency_runs: int = Field(30, ge=1)
+    network_isolation: bool = True
+
+
+class Config(Section):
+    dataset: DatasetConfig = DatasetConfig()
+    train: TrainConfig = TrainConfig()
+    budget: BudgetConfig = BudgetConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key '{key}'"
+    return f"config key '{key}': {first['msg']} (got {first.get('input')!r})"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=v` -> (['a', 'b'], v), the value read as YAML so numbers, bools and null get their types."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"config key '{part}' is not a section (in --set {text})")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), schema=Config):
+    """Read YAML (or start empty), apply `--set` overrides, validate. Raises ConfigError."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    apply_overrides(data, list(overrides))
+    return validate(data, schema)
+
+
+def validate(data: dict, schema=Config):
+    try:
+        return schema.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

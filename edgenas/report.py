@@ -1,0 +1,43 @@
+"""Human-readable tables for the terminal (the --json forms are for programs)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from edgenas.records import EvalResult
+
+
+def _si(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {prefix}{unit}"
+    return f"{value:g} {unit}".strip()
+
+
+def result_table(result: EvalResult, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(show_header=False, box=None)
+    status = "[green]ok[/]" if result.ok else f"[red]failed ({result.failure.kind.value})[/] at {result.stage}"
+    rows = [
+        ("status", status),
+        ("params", f"{result.params:,}" if result.params is not None else "-"),
+        ("MACs", _si(result.macs)),
+        ("weights", _si(result.weight_bytes, "B")),
+        ("peak memory (train step)", _si(result.peak_memory_bytes, "B")),
+        ("val accuracy", f"{result.val_accuracy:.2%}" if result.val_accuracy is not None else "-"),
+        ("val loss", f"{result.val_loss:.4f}" if result.val_loss is not None else "-"),
+        ("train", f"{result.train_images} images in {result.train_seconds:.1f} s" if result.train_seconds else "-"),
+        ("latency (batch 1, eager)", f"{result.latency_ms:.3f} ms" if result.latency_ms is not None else "-"),
+        ("device / dataset", f"{result.device} / {result.dataset}"),
+        ("stages (s)", "  ".join(f"{k} {v:.2f}" for k, v in result.stage_seconds.items())),
+    ]
+    if result.macs_unsupported_ops:
+        rows.append(("ops not in MACs", ", ".join(sorted(result.macs_unsupported_ops))))
+    if result.failure:
+        rows.append(("diagnostic", result.failure.message))
+    for key, value in rows:
+        table.add_row(f"[bold]{key}[/]", value)
+    console.print(table)

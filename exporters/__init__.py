@@ -1,0 +1,1 @@
+"""Turning a search archive into deployable, measured ONNX models."""

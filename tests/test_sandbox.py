@@ -1,0 +1,192 @@
+"""Hostile candidates: each must come back as the right failure kind with nothing escaping."""
+
+import os
+import socket
+import threading
+
+import pytest
+
+from edgenas.config import load_config
+from edgenas.evaluate import Evaluator
+from edgenas.records import FailureKind
+
+from .conftest import program
+
+OS = "getattr(torch, 'o' + 's')"  # reaches os past the static checks, so the run-time guard is what is tested
+SYS = "getattr(torch, 's' + 'ys')"
+SECRET = "sk-edgenas-test-secret-4242"
+
+
+def net(body: str = "", forward: str = "return self.fc(x.mean((2, 3)))", module: str = "") -> str:
+    return f"""{module}
+class Net(nn.Module):
+    def __init__(self, num_classes=4):
+        super().__init__()
+        self.fc = nn.Linear(3, num_classes)
+        {body or 'pass'}
+
+    def forward(self, x):
+        {forward}
+"""
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    os.environ["OPENAI_API_KEY"] = SECRET
+    cfg = load_config(None, ["dataset.name=synthetic", "dataset.num_classes=4", "dataset.in_shape=[3,16,16]",
+                             "dataset.synthetic_size=300", "dataset.val_size=60", "train.batch_size=32",
+                             "eval.timeout_s=8", "eval.memory_limit_mb=1500", "eval.output_limit_bytes=65536",
+                             "eval.latency_runs=3"])
+    with Evaluator(cfg) as ev:
+        yield ev
+    del os.environ["OPENAI_API_KEY"]
+
+
+@pytest.fixture()
+def listener():
+    """A TCP server on loopback that counts connections; none may arrive."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(0.2)
+    hits = []
+
+    def accept():
+        while not stop.is_set():
+            try:
+                hits.append(server.accept())
+            except OSError:
+                pass
+
+    stop = threading.Event()
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1], hits
+    stop.set()
+    thread.join()
+    server.close()
+
+
+def check(evaluator, code, kind, words="", stage=None):
+    result = evaluator.evaluate(code)
+    assert result.failure is not None, result
+    assert result.failure.kind is kind, result.failure
+    assert words in result.failure.message, result.failure.message
+    if stage:
+        assert result.stage == stage
+    return result
+
+
+def test_good_candidate_is_fully_measured(evaluator):
+    result = evaluator.evaluate(program("good_cnn.py"))
+    assert result.ok, result.failure
+    assert result.params == 16 * 27 + 16 + 32 + 32 * 16 * 9 + 32 + 64 + 32 * 4 + 4
+    assert result.macs > 0 and result.peak_memory_bytes > 0 and result.weight_bytes >= 4 * result.params
+    assert 0 <= result.val_accuracy <= 1 and result.train_images == 240 and result.latency_ms > 0
+    assert "audit" in result.isolation and set(result.stage_seconds) >= {"static", "build", "train", "validate"}
+
+
+def test_same_code_gives_the_same_record(evaluator):
+    a, b = (evaluator.evaluate(program("good_cnn.py")) for _ in range(2))
+    assert (a.val_accuracy, a.train_loss_last) == (b.val_accuracy, b.train_loss_last)
+
+
+def test_model_that_needs_nchw_falls_back_from_channels_last(evaluator):
+    assert evaluator.evaluate(program("view_needs_nchw.py")).ok
+
+
+def test_hang_in_forward_times_out(evaluator):
+    check(evaluator, net(forward="while True:\n            pass"), FailureKind.timeout, "time limit", stage="forward")
+
+
+def test_hang_at_import_times_out(evaluator):
+    check(evaluator, net(module="while True:\n    pass"), FailureKind.timeout, "during build")
+
+
+def test_memory_bomb_is_oom(evaluator):
+    check(evaluator, net(body="self.big = torch.ones(1 << 40)"), FailureKind.oom, stage="build")
+
+
+def test_slow_memory_bomb_in_forward_is_oom(evaluator):
+    check(evaluator, net(forward="keep = [torch.ones(1 << 24) for _ in range(10000)]\n        return keep"), FailureKind.oom)
+
+
+def test_process_spawn_is_forbidden_at_run_time(evaluator, tmp_path):
+    marker = tmp_path / "spawned"
+    check(evaluator, net(body=f"{OS}.system('touch {marker}')"), FailureKind.forbidden, "starting a process")
+    assert not marker.exists()
+
+
+def test_file_write_outside_is_forbidden(evaluator, tmp_path):
+    target = tmp_path / "escape.txt"
+    check(evaluator, net(body=f"{OS}.open('{target}', {OS}.O_WRONLY | {OS}.O_CREAT)"), FailureKind.forbidden, "writing")
+    assert not target.exists()
+
+
+def test_file_write_the_audit_hook_cannot_see_hits_a_read_only_filesystem(evaluator, tmp_path):
+    target = tmp_path / "weights.pt"  # torch.save writes through C++, past Python's audit hooks
+    result = check(evaluator, net(body=f"getattr(torch, 'sa' + 've')(self.state_dict(), '{target}')"), FailureKind.build)
+    assert "fs_readonly" in result.isolation and not target.exists()
+
+
+def test_network_is_unreachable(evaluator, listener):
+    port, hits = listener
+    code = net(body=f"s = {SYS}.modules['importlib'].import_module('socket').create_connection(('127.0.0.1', {port}))")
+    check(evaluator, code, FailureKind.forbidden, "network")
+    assert hits == []
+
+
+def test_signals_to_other_processes_are_forbidden(evaluator):
+    check(evaluator, net(body=f"{OS}.kill({os.getpid()}, 9)"), FailureKind.forbidden, "signals")
+
+
+def test_secrets_do_not_reach_the_candidate(evaluator):
+    result = check(evaluator, net(body=f"raise ValueError(sorted({OS}.environ.items()))"), FailureKind.build)
+    assert SECRET not in result.failure.message and "OPENAI_API_KEY" not in result.failure.message
+
+
+def test_nan_loss(evaluator):
+    body = "self.calls = 0"
+    forward = "self.calls += 1\n        out = self.fc(x.mean((2, 3)))\n        return out * float('nan') if self.calls > 6 else out"
+    check(evaluator, net(body=body, forward=forward), FailureKind.nan, "loss became nan", stage="train")
+
+
+def test_wrong_output_shape(evaluator):
+    check(evaluator, net(forward="return x.flatten(1)"), FailureKind.shape, "expected (2, 4)")
+
+
+def test_placeholder_name_at_run_time(evaluator):
+    # the star import makes static checks defer undefined names to run time
+    code = net(module="from math import *", body="self.fc = nn.Linear(3, NUM_CLASSES_HERE)")
+    check(evaluator, code, FailureKind.build, "placeholder")
+
+
+def test_exit_is_reported(evaluator):
+    check(evaluator, net(body="raise SystemExit(3)"), FailureKind.runtime, "exit()")
+
+
+def test_hard_exit_is_crashed(evaluator):
+    check(evaluator, net(body=f"{OS}._exit(0)"), FailureKind.crashed, "without a result")
+
+
+def test_segfault_is_crashed(evaluator):
+    body = f"{SYS}.modules['importlib'].import_module('faulthandler')._sigsegv()"
+    check(evaluator, net(body=body), FailureKind.crashed, "SIGSEGV")
+
+
+def test_output_flood_is_capped(evaluator):
+    result = check(evaluator, net(forward="while True:\n            print('x' * 1000)"), FailureKind.runtime, "printed more output")
+    assert len(result.output_tail) <= 1000
+
+
+def test_over_budget_fails_before_training():
+    cfg = load_config(None, ["dataset.name=synthetic", "dataset.num_classes=4", "dataset.in_shape=[3,16,16]",
+                             "dataset.synthetic_size=100", "dataset.val_size=20", "budget.max_params=100"])
+    with Evaluator(cfg) as ev:
+        result = ev.evaluate(program("good_cnn.py"))
+    assert result.failure.kind is FailureKind.budget and "exceed the budget of 100" in result.failure.message
+    assert result.stage == "profile" and result.train_seconds is None
+
+
+def test_evaluator_survives_all_of_it(evaluator):
+    assert evaluator.evaluate(program("good_cnn.py")).ok
