@@ -103,11 +103,11 @@ class Worker:
     # ------------------------------------------------------------ stages
 
     def _build(self, job, out):
+        torch.manual_seed(self.config.train.seed)  # the same seed for the same code: reproducible records
         namespace = load_module(job["code"])
         if "Net" not in namespace:
             raise StageFailure(FailureKind.contract, "the module defines no `Net`")
         self.model, out["constructor"] = construct(namespace["Net"], self.data.in_shape, self.data.num_classes)
-        torch.manual_seed(self.config.train.seed)  # the same seed for the same code: reproducible records
 
     def _forward(self, job, out):
         self.model.eval()

@@ -1,0 +1,60 @@
+"""The CLI end to end, on real files: JSON contract, exit codes, one-line errors."""
+
+import json
+
+from .conftest import PROGRAMS, run_cli
+
+EXPECTED_KEYS = {"status", "failure", "params", "macs", "peak_memory_bytes", "val_accuracy", "train_seconds",
+                 "latency_ms", "device", "dataset", "stage_seconds"}
+
+
+def test_evaluate_on_shared_cifar10_prints_one_complete_json(shared_cifar):
+    proc = run_cli("evaluate", PROGRAMS / "good_cnn.py", "--dataset", "folder", "--data-root", shared_cifar,
+                   "--train-subset", "2000", "--val-size", "500", "--set", "train.lr=0.05", "--json")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)  # exactly one JSON object, nothing else on stdout
+    assert EXPECTED_KEYS <= set(record)
+    assert record["status"] == "ok" and record["failure"] is None and record["dataset"] == "folder"
+    assert 0.15 < record["val_accuracy"] <= 1 and record["params"] == 448 + 32 + 4640 + 64 + 330
+    assert record["stage_seconds"]["train"] > 0
+
+
+def test_evaluate_failed_candidate_still_exits_zero(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\nclass Net(nn.Module):\n    pass\n")
+    proc = run_cli("evaluate", bad, "--dataset", "synthetic", "--val-size", "100", "--json")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["status"] == "failed" and record["failure"]["kind"] == "forbidden"
+
+
+def test_evaluate_table_output(tmp_path):
+    proc = run_cli("evaluate", PROGRAMS / "good_cnn.py", "--dataset", "synthetic", "--val-size", "100",
+                   "--set", "dataset.synthetic_size=400")
+    assert proc.returncode == 0, proc.stderr
+    assert "val accuracy" in proc.stdout and "ok" in proc.stdout
+
+
+def test_bad_usage_is_one_line_and_exit_2(tmp_path):
+    cases = [
+        ("evaluate", PROGRAMS / "good_cnn.py", "--dataset", "cifar10", "--data-root", tmp_path / "none", "--set", "dataset.download=false"),
+        ("evaluate", PROGRAMS / "good_cnn.py", "--set", "train.lrr=0.1"),
+        ("evaluate", PROGRAMS / "good_cnn.py", "--dataset", "folder", "--data-root", tmp_path),
+        ("evaluate", tmp_path / "missing.py"),
+        ("profile", PROGRAMS / "good_cnn.py", "--in-shape", "3,32"),
+    ]
+    for args in cases:
+        proc = run_cli(*args)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        assert proc.stdout == "" and len(lines) <= 3 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_profile_resnet18_matches_the_reference_counts():
+    proc = run_cli("profile", PROGRAMS / "resnet18.py", "--in-shape", "3,224,224", "--num-classes", "1000",
+                   "--batch-size", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["params"] == 11_689_512
+    assert abs(record["macs"] - 1.82e9) < 0.01e9, record["macs"]
+    assert record["peak_memory_bytes"] > record["weight_bytes"] and record["val_accuracy"] is None
