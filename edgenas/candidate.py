@@ -171,3 +171,14 @@ def describe_exception(exc: BaseException, limit: int = 1200) -> str:
     if isinstance(exc, NameError) and getattr(exc, "name", None):
         head = f"NameError: {undefined_hint(exc.name)}"
     return (head + where)[-limit:] if len(head + where) > limit else head + where
+
+
+def code_hash(code: str) -> str:
+    """Same program, same hash: the AST ignores comments, blank lines and formatting."""
+    import hashlib
+
+    try:
+        normal = ast.dump(ast.parse(code))
+    except SyntaxError:
+        normal = "\n".join(line.rstrip() for line in code.strip().splitlines())
+    return hashlib.sha256(normal.encode()).hexdigest()

@@ -105,5 +105,58 @@ def profile(file, in_shape, num_classes, batch_size, device, as_json):
     _print_result(_run(config, _read_program(file), PROFILE_STAGES), as_json)
 
 
+@main.command()
+@click.option("--config", "config_file", type=click.Path(), help="YAML config (configs/*.yaml); not needed to resume.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override any config key.")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Where the run lives; an existing run is resumed.")
+@click.option("--iterations", type=click.IntRange(min=0), help="Total iterations of the run (search.iterations).")
+@click.option("--seed-program", type=click.Path(exists=True, dir_okay=False), help="Evaluate this program first instead of asking the generator.")
+@click.option("--no-cache", is_flag=True, help="Do not reuse cached LLM replies.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary at the end.")
+def search(config_file, overrides, run_dir, iterations, seed_program, no_cache, as_json):
+    """Run (or resume) the closed-loop LLM architecture search."""
+    from edgenas.archive import ArchiveError
+    from edgenas.sandbox import SandboxError
+    from edgenas.search import resolve, run_search
+
+    extra = [*([f"search.iterations={iterations}"] if iterations is not None else []), *(["llm.cache=false"] if no_cache else [])]
+    try:
+        config, path, resuming = resolve(config_file, [*overrides, *extra], run_dir)
+        summary = run_search(config, path, resuming, _read_program(seed_program) if seed_program else None)
+    except (ConfigError, SandboxError, ArchiveError) as e:
+        raise UsageError(str(e)) from None
+    except KeyboardInterrupt:
+        raise click.ClickException(f"interrupted; resume with: edgenas search --run-dir {path}") from None
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        best = summary["best_val_accuracy"]
+        best_text = "-" if best is None else f"{best:.2%} (iteration {summary['best_iteration']})"
+        click.echo(f"{summary['reason']}: {summary['iterations']} iterations, {summary['valid_rate']:.0%} valid, "
+                   f"best {best_text}; run: {summary['run_dir']}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="A JSON array, one object per iteration.")
+def show(run_dir, as_json):
+    """List the candidates of a run."""
+    from edgenas.archive import Archive, ArchiveError
+    from edgenas.report import candidate_rows, candidates_table
+
+    if not Archive.exists(run_dir):
+        raise UsageError(f"{run_dir} holds no search archive (archive.sqlite)")
+    try:
+        archive = Archive(run_dir)
+    except ArchiveError as e:
+        raise UsageError(str(e)) from None
+    rows = candidate_rows(archive.all())
+    archive.close()
+    if as_json:
+        click.echo(json.dumps(rows))
+    else:
+        candidates_table(rows)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -35,6 +35,12 @@ class DatasetConfig(Section):
     num_classes: int = Field(10, ge=2)
     in_shape: tuple[int, int, int] = (3, 32, 32)
     synthetic_size: int = Field(2000, ge=2)
+
+    @field_validator("root", "cache_dir")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        """Relative to where the command runs (the sandbox worker runs elsewhere)."""
+        return str(Path(value).expanduser().absolute()) if value else value
 
 
 class AugmentConfig(Section):
@@ -76,11 +82,57 @@ class EvalConfig(Section):
     network_isolation: bool = True
 
 
+class LLMConfig(Section):
+    """One LLM role. Paper defaults: temperature 0.7, top-p 0.9, up to 2,048 new tokens."""
+
+    backend: Literal["transformers", "openai", "mutate"] = "transformers"
+    model: str | None = "Qwen/Qwen2.5-7B-Instruct"  # hub id or local path; the served name for openai
+    base_url: str | None = None  # openai: e.g. http://localhost:8000/v1 (vLLM), http://localhost:11434/v1 (Ollama)
+    api_key_env: str | None = None  # name of the environment variable holding the key (never the key itself)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_tokens: int = Field(2048, ge=1)
+    timeout_s: float = Field(300.0, gt=0)
+    retries: int = Field(4, ge=0)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # transformers
+    device_map: str = "auto"  # transformers
+    load_in_4bit: bool = False  # transformers on CUDA, needs bitsandbytes
+
+
+class LLMRoles(Section):
+    generator: LLMConfig = LLMConfig()
+    improver: LLMConfig = LLMConfig()
+    cache: bool = True  # replies cached by (model, messages, sampling, seed): a re-run reproduces without the LLM
+    cache_dir: str | None = None  # None: the dataset cache root
+
+    @model_validator(mode="before")
+    @classmethod
+    def _improver_defaults_to_generator(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("generator", {}), dict):
+            improver = data.get("improver") or {}
+            if isinstance(improver, dict):
+                data = {**data, "improver": {**data.get("generator", {}), **improver}}
+        return data
+
+
+class SearchConfig(Section):
+    iterations: int = Field(2000, ge=0)
+    history_size: int = Field(5, ge=0)  # K most recent (problem, modification, outcome) triples; 0 disables
+    use_improver: bool = True  # ablation: False = the generator alone
+    use_reference: bool = True  # ablation: False = the generator never sees the best program
+    max_wall_s: float | None = Field(None, gt=0)
+    target_accuracy: float | None = Field(None, gt=0, le=1)
+    patience: int | None = Field(None, ge=1)  # stop after N iterations without a new best
+    seed: int = 0
+
+
 class Config(Section):
     dataset: DatasetConfig = DatasetConfig()
     train: TrainConfig = TrainConfig()
     budget: BudgetConfig = BudgetConfig()
     eval: EvalConfig = EvalConfig()
+    llm: LLMRoles = LLMRoles()
+    search: SearchConfig = SearchConfig()
 
 
 def _describe(error: ValidationError) -> str:

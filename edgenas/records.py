@@ -76,3 +76,67 @@ class EvalResult(Record):
 def failed(kind: FailureKind, message: str, **fields) -> EvalResult:
     """A failure record; the message is clipped so a flood of text cannot bloat a prompt."""
     return EvalResult(status=Status.failed, failure=Failure(kind=kind, message=message[:4000]), **fields)
+
+
+class Outcome(Record):
+    """What an attempt led to, as the feedback memory shows it to the LLM."""
+
+    status: str  # ok | failed | duplicate | no_code | llm_error
+    val_accuracy: float | None = None
+    delta: float | None = None  # accuracy change against the best at the time (fraction)
+    params: int | None = None
+    macs: int | None = None
+    peak_memory_bytes: int | None = None
+    kind: str | None = None  # failure kind (FailureKind values, or the search-level statuses)
+    diagnostic: str | None = None
+
+    def render(self) -> str:
+        if self.status == "ok":
+            delta = "" if self.delta is None else f" ({self.delta * 100:+.2f} points vs the best)"
+            size = ", ".join(part for part in (
+                f"{self.params:,} params" if self.params is not None else "",
+                f"{self.macs / 1e6:.1f}M MACs" if self.macs is not None else "",
+                f"{self.peak_memory_bytes / 2**20:.0f} MiB train-step memory" if self.peak_memory_bytes else "",
+            ) if part)
+            return f"valid: validation accuracy {self.val_accuracy:.2%}{delta}; {size}"
+        return f"FAILED ({self.kind}): {self.diagnostic}"
+
+
+class Triple(Record):
+    """One entry of the feedback memory: (problem identified, modification suggested, outcome)."""
+
+    iteration: int
+    problem: str
+    modification: str
+    outcome: Outcome
+
+
+class Candidate(Record):
+    """One iteration of a search, as the archive stores it."""
+
+    iteration: int
+    status: str  # ok | failed | duplicate | no_code | llm_error
+    code: str | None = None
+    code_hash: str | None = None
+    parent: int | None = None  # the best candidate's iteration when this one was proposed
+    duplicate_of: int | None = None
+    problem: str = ""
+    modification: str = ""
+    outcome: Outcome
+    result: EvalResult | None = None
+    prompts: list = []  # the message lists sent, per LLM call
+    replies: list[str] = []
+    tokens_in: int = 0
+    tokens_out: int = 0
+    llm_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    is_best: bool = False  # became the best when it was evaluated
+    created: float = 0.0
+
+    @property
+    def triple(self) -> Triple:
+        return Triple(iteration=self.iteration, problem=self.problem, modification=self.modification, outcome=self.outcome)
+
+    @property
+    def val_accuracy(self) -> float | None:
+        return self.result.val_accuracy if self.result and self.result.ok else None

@@ -41,3 +41,31 @@ def result_table(result: EvalResult, console: Console | None = None) -> None:
     for key, value in rows:
         table.add_row(f"[bold]{key}[/]", value)
     console.print(table)
+
+
+def candidate_rows(candidates) -> list[dict]:
+    """One plain object per iteration: what `edgenas show --json` prints."""
+    rows = []
+    for c in candidates:
+        r = c.result
+        rows.append({
+            "iteration": c.iteration, "status": c.status,
+            "failure_kind": None if c.status == "ok" else c.outcome.kind,
+            "val_accuracy": c.val_accuracy, "params": r.params if r else None, "macs": r.macs if r else None,
+            "peak_memory_bytes": r.peak_memory_bytes if r else None, "latency_ms": r.latency_ms if r else None,
+            "problem": c.problem, "modification": c.modification, "is_best": c.is_best, "parent": c.parent,
+            "tokens_in": c.tokens_in, "tokens_out": c.tokens_out, "llm_seconds": round(c.llm_seconds, 3),
+            "eval_seconds": round(c.eval_seconds, 3), "code_hash": c.code_hash,
+        })
+    return rows
+
+
+def candidates_table(rows: list[dict], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table("it", "status", "val acc", "params", "MACs", "memory", "modification")
+    for row in rows:
+        status = row["status"] if row["status"] == "ok" else f"[red]{row['status']}:{row['failure_kind']}[/]"
+        acc = "-" if row["val_accuracy"] is None else f"{row['val_accuracy']:.2%}" + (" *" if row["is_best"] else "")
+        table.add_row(str(row["iteration"]), status, acc, _si(row["params"]), _si(row["macs"]),
+                      _si(row["peak_memory_bytes"], "B"), row["modification"][:70])
+    console.print(table)

@@ -1,0 +1,131 @@
+"""The run directory, the single source of truth of a search.
+
+    RUN_DIR/config.yaml        the config as run
+    RUN_DIR/archive.sqlite     every candidate (schema below), WAL mode
+    RUN_DIR/candidates/N.py    each candidate's code, for people
+    RUN_DIR/events.jsonl       append-only event log
+
+Contract: an iteration is written in one transaction after it finished, so a kill -9 at any moment
+loses at most the iteration in flight and never leaves a partial or duplicate row. Everything the loop
+needs to resume (next iteration, best, memory window) is derived from the rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+from edgenas.records import Candidate
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS candidates (
+    iteration INTEGER PRIMARY KEY,
+    status TEXT NOT NULL,
+    failure_kind TEXT,
+    val_accuracy REAL,
+    params INTEGER,
+    macs INTEGER,
+    peak_memory_bytes INTEGER,
+    latency_ms REAL,
+    code_hash TEXT,
+    is_best INTEGER NOT NULL,
+    created REAL NOT NULL,
+    record TEXT NOT NULL          -- the whole Candidate as JSON: code, prompts, replies, result, timings, tokens
+);
+CREATE INDEX IF NOT EXISTS candidates_hash ON candidates (code_hash);
+"""
+
+
+class ArchiveError(RuntimeError):
+    pass
+
+
+class Archive:
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "candidates").mkdir(exist_ok=True)
+        self.db = sqlite3.connect(self.dir / "archive.sqlite", timeout=30, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+        found = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if found is None:
+            self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif int(found[0]) != SCHEMA_VERSION:
+            raise ArchiveError(f"{self.dir} has archive schema {found[0]}; this edgenas reads schema {SCHEMA_VERSION} "
+                               f"(use the edgenas version that wrote it, or start a new run directory)")
+
+    @staticmethod
+    def exists(run_dir: str | Path) -> bool:
+        return (Path(run_dir) / "archive.sqlite").is_file()
+
+    # ------------------------------------------------------------ writing
+
+    def add(self, candidate: Candidate) -> None:
+        if candidate.code is not None:
+            path = self.dir / "candidates" / f"{candidate.iteration:05d}.py"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(candidate.code)
+            os.replace(tmp, path)
+        r = candidate.result
+        row = (candidate.iteration, candidate.status, candidate.outcome.kind if candidate.status != "ok" else None,
+               candidate.val_accuracy, r.params if r else None, r.macs if r else None,
+               r.peak_memory_bytes if r else None, r.latency_ms if r else None, candidate.code_hash,
+               int(candidate.is_best), candidate.created or time.time(), candidate.model_dump_json())
+        try:
+            self.db.execute("INSERT INTO candidates VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row)
+        except sqlite3.IntegrityError:
+            raise ArchiveError(f"iteration {candidate.iteration} is already in {self.dir}") from None
+        self.event("candidate", iteration=candidate.iteration, status=candidate.status,
+                   val_accuracy=candidate.val_accuracy, is_best=candidate.is_best)
+
+    def event(self, kind: str, **data) -> None:
+        line = json.dumps({"time": time.time(), "event": kind, **data}, default=str)
+        with open(self.dir / "events.jsonl", "a") as f:
+            f.write(line + "\n")
+
+    # ------------------------------------------------------------ reading
+
+    def _load(self, sql: str, args=()) -> list[Candidate]:
+        return [Candidate.model_validate_json(row[0]) for row in self.db.execute(sql, args)]
+
+    def next_iteration(self) -> int:
+        return self.db.execute("SELECT COALESCE(MAX(iteration) + 1, 0) FROM candidates").fetchone()[0]
+
+    def best(self) -> Candidate | None:
+        """The most accurate valid candidate; the earliest wins a tie."""
+        found = self._load("SELECT record FROM candidates WHERE status='ok' ORDER BY val_accuracy DESC, iteration LIMIT 1")
+        return found[0] if found else None
+
+    def recent(self, k: int) -> list[Candidate]:
+        """The last k candidates, oldest first."""
+        if k <= 0:
+            return []
+        return self._load("SELECT record FROM (SELECT iteration, record FROM candidates ORDER BY iteration DESC LIMIT ?) ORDER BY iteration", (k,))
+
+    def find_hash(self, code_hash: str) -> int | None:
+        row = self.db.execute("SELECT MIN(iteration) FROM candidates WHERE code_hash=?", (code_hash,)).fetchone()
+        return row[0]
+
+    def all(self) -> list[Candidate]:
+        return self._load("SELECT record FROM candidates ORDER BY iteration")
+
+    def since_best(self) -> int:
+        """Iterations since the last new best (all of them when there is none)."""
+        row = self.db.execute("SELECT MAX(iteration) FROM candidates WHERE is_best=1").fetchone()[0]
+        return self.next_iteration() - (row + 1 if row is not None else 0)
+
+    def stats(self) -> dict:
+        n, valid, tokens = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(status='ok'), 0), COALESCE(SUM(json_extract(record, '$.tokens_in') + json_extract(record, '$.tokens_out')), 0) FROM candidates"
+        ).fetchone()
+        return {"iterations": n, "valid": valid, "valid_rate": valid / n if n else 0.0, "tokens": tokens}
+
+    def close(self) -> None:
+        self.db.close()

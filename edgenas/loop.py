@@ -1,0 +1,72 @@
+"""The search loop: improver -> generator -> evaluator -> memory -> best, until a stop condition.
+
+It talks only to narrow interfaces (proposer, evaluator, archive) and holds no state of its own:
+the archive is the truth, so a killed run resumes where its last completed iteration left it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from edgenas import memory
+from edgenas.candidate import code_hash
+from edgenas.config import SearchConfig
+from edgenas.propose import Context, Proposal
+from edgenas.records import Candidate, Outcome
+
+
+def stop_reason(archive, cfg: SearchConfig, elapsed_s: float) -> str | None:
+    best = archive.best()
+    if archive.next_iteration() >= cfg.iterations:
+        return f"reached {cfg.iterations} iterations"
+    if cfg.max_wall_s is not None and elapsed_s >= cfg.max_wall_s:
+        return f"reached the wall-time limit of {cfg.max_wall_s:g} s"
+    if cfg.target_accuracy is not None and best is not None and best.val_accuracy >= cfg.target_accuracy:
+        return f"reached the target accuracy {cfg.target_accuracy:.2%}"
+    if cfg.patience is not None and archive.since_best() >= cfg.patience:
+        return f"no improvement in {cfg.patience} iterations"
+    return None
+
+
+def assess(iteration: int, proposal: Proposal, best: Candidate | None, archive, evaluator) -> Candidate:
+    """Turn a proposal into an archived candidate: LLM failure, no code, duplicate, or an evaluation."""
+    common = dict(iteration=iteration, problem=proposal.problem, modification=proposal.modification,
+                  code=proposal.code, parent=best.iteration if best else None, prompts=proposal.prompts,
+                  replies=proposal.replies, tokens_in=proposal.tokens_in, tokens_out=proposal.tokens_out,
+                  llm_seconds=proposal.llm_seconds, created=time.time())
+    if proposal.error is not None:
+        return Candidate(status="llm_error", outcome=Outcome(status="llm_error", kind="llm_error", diagnostic=proposal.error), **common)
+    if proposal.code is None:
+        return Candidate(status="no_code", outcome=Outcome(status="no_code", kind="no_code",
+                         diagnostic="the reply contained no Python code; reply with the complete module in a ```python block"), **common)
+    digest = code_hash(proposal.code)
+    earlier = archive.find_hash(digest)
+    if earlier is not None:
+        return Candidate(status="duplicate", code_hash=digest, duplicate_of=earlier, outcome=Outcome(
+            status="duplicate", kind="duplicate", diagnostic=f"identical to iteration {earlier}; make a different change"), **common)
+    start = time.perf_counter()
+    result = evaluator.evaluate(proposal.code)
+    best_accuracy = best.val_accuracy if best else None
+    is_best = result.ok and (best_accuracy is None or result.val_accuracy > best_accuracy)
+    return Candidate(status=result.status.value, code_hash=digest, result=result, is_best=is_best,
+                     outcome=memory.outcome_of(result, best_accuracy), eval_seconds=time.perf_counter() - start, **common)
+
+
+def run(archive, proposer, evaluator, cfg: SearchConfig, seed_program: str | None = None, on_iteration=None) -> str:
+    """Iterate until a stop condition; returns the reason. Safe to call again on the same archive."""
+    started = time.monotonic()
+    while (reason := stop_reason(archive, cfg, time.monotonic() - started)) is None:
+        iteration = archive.next_iteration()
+        best = archive.best()
+        recent = archive.recent(max(1, cfg.history_size))
+        context = Context(best, recent[-1] if recent else None, memory.window([c.triple for c in recent], cfg.history_size))
+        if iteration == 0 and seed_program is not None:
+            proposal = Proposal("seed program", "evaluate the program given with --seed-program", seed_program)
+        else:
+            proposal = proposer.propose(context, iteration)
+        candidate = assess(iteration, proposal, best, archive, evaluator)
+        archive.add(candidate)
+        if on_iteration is not None:
+            on_iteration(candidate, archive)
+    archive.event("stop", reason=reason)
+    return reason

@@ -1,0 +1,96 @@
+"""Proposers: where the next program comes from. The paper's two LLM roles, or the mutate baseline."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+from edgenas.extract import extract_code, extract_json
+from edgenas.llm.base import ChatModel, LLMError, Reply, Sampling
+from edgenas.prompts import Task, generator_messages, improver_messages
+from edgenas.records import Candidate, Triple
+
+RETRY_JSON = 'Reply with only the JSON object: {"problem": "...", "modification": "..."}'
+FALLBACK_MODIFICATION = "Make one well-motivated change to the best model that should raise validation accuracy within the budgets."
+NO_IMPROVER = ("(improver disabled: generator alone)", "Improve the model's validation accuracy within the budgets.")
+FIRST = ("no valid model yet", "write a first model for the task")
+
+
+@dataclass(frozen=True)
+class Context:
+    best: Candidate | None
+    last: Candidate | None
+    history: list[Triple]  # the memory window, already cut to K
+
+
+@dataclass
+class Proposal:
+    problem: str
+    modification: str
+    code: str | None = None
+    prompts: list = field(default_factory=list)
+    replies: list[str] = field(default_factory=list)
+    tokens_in: int = 0
+    tokens_out: int = 0
+    llm_seconds: float = 0.0
+    error: str | None = None  # the LLM failed for good; recorded as an outcome, the loop goes on
+
+
+class LLMProposer:
+    """Prompt Improver (diagnose, propose one change) then Code Generator (apply it to the best model)."""
+
+    def __init__(self, generator: ChatModel, improver: ChatModel, generator_sampling: Sampling,
+                 improver_sampling: Sampling, task: Task, use_improver: bool = True, use_reference: bool = True,
+                 seed: int = 0):
+        self.generator, self.improver = generator, improver
+        self.generator_sampling, self.improver_sampling = generator_sampling, improver_sampling
+        self.task, self.use_improver, self.use_reference, self.seed = task, use_improver, use_reference, seed
+
+    def _call(self, model: ChatModel, messages: list[dict], sampling: Sampling, seed: int, proposal: Proposal) -> Reply:
+        reply = model.chat(messages, Sampling(sampling.temperature, sampling.top_p, sampling.max_tokens, seed))
+        proposal.prompts.append(messages)
+        proposal.replies.append(reply.text)
+        proposal.tokens_in += reply.tokens_in
+        proposal.tokens_out += reply.tokens_out
+        proposal.llm_seconds += reply.seconds
+        return reply
+
+    def _improve(self, ctx: Context, seed: int, proposal: Proposal) -> None:
+        messages = improver_messages(self.task, ctx.best, ctx.last, ctx.history)
+        reply = self._call(self.improver, messages, self.improver_sampling, seed, proposal)
+        parsed = extract_json(reply.text)
+        if parsed is None:  # ask once more, then fall back to a recorded generic change
+            retry = [*messages, {"role": "assistant", "content": reply.text}, {"role": "user", "content": RETRY_JSON}]
+            parsed = extract_json(self._call(self.improver, retry, self.improver_sampling, seed + 1, proposal).text)
+        if parsed is None:
+            parsed = {"problem": "(fallback: the improver's reply could not be parsed)", "modification": FALLBACK_MODIFICATION}
+        proposal.problem, proposal.modification = parsed["problem"], parsed["modification"]
+
+    def propose(self, ctx: Context, iteration: int) -> Proposal:
+        seed = self.seed * 1_000_003 + iteration * 4  # a seed per call: a run reproduces call for call
+        proposal = Proposal(*(FIRST if ctx.best is None else NO_IMPROVER))
+        try:
+            if ctx.best is not None and self.use_improver:
+                self._improve(ctx, seed, proposal)
+            messages = generator_messages(self.task, ctx.best, proposal.modification, ctx.history, self.use_reference)
+            reply = self._call(self.generator, messages, self.generator_sampling, seed + 2, proposal)
+            proposal.code = extract_code(reply.text)
+        except LLMError as e:
+            proposal.error = str(e)
+        return proposal
+
+
+class MutationProposer:
+    """The no-LLM baseline: one random structural edit of the best program per iteration."""
+
+    def __init__(self, seed: int = 0):
+        from edgenas.llm.mutate import MutateProposer
+
+        self.mutator, self.seed = MutateProposer(), seed
+
+    def propose(self, ctx: Context, iteration: int) -> Proposal:
+        start = time.perf_counter()
+        rng = random.Random(self.seed * 1_000_003 + iteration)
+        problem, modification, code = self.mutator.propose(ctx.best.code if ctx.best else None, rng)
+        return Proposal(problem, modification, code, llm_seconds=time.perf_counter() - start)
