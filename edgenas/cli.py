@@ -141,21 +141,110 @@ def search(config_file, overrides, run_dir, iterations, seed_program, no_cache, 
 @click.option("--json", "as_json", is_flag=True, help="A JSON array, one object per iteration.")
 def show(run_dir, as_json):
     """List the candidates of a run."""
-    from edgenas.archive import Archive, ArchiveError
     from edgenas.report import candidate_rows, candidates_table
 
-    if not Archive.exists(run_dir):
-        raise UsageError(f"{run_dir} holds no search archive (archive.sqlite)")
-    try:
-        archive = Archive(run_dir)
-    except ArchiveError as e:
-        raise UsageError(str(e)) from None
+    archive = _open_archive(run_dir)
     rows = candidate_rows(archive.all())
     archive.close()
     if as_json:
         click.echo(json.dumps(rows))
     else:
         candidates_table(rows)
+
+
+def _open_archive(run_dir):
+    from edgenas.archive import Archive, ArchiveError
+
+    if not Archive.exists(run_dir):
+        raise UsageError(f"{run_dir} holds no search archive (archive.sqlite)")
+    try:
+        return Archive(run_dir)
+    except ArchiveError as e:
+        raise UsageError(str(e)) from None
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="The valid candidates with their front and crowding.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write accuracy vs params (front highlighted) as PNG.")
+def pareto(run_dir, as_json, plot):
+    """The Pareto front of a run: accuracy up; params, MACs, memory and latency down; budgets respected."""
+    from edgenas import pareto as selector
+
+    archive = _open_archive(run_dir)
+    try:
+        config = _config(f"{run_dir}/config.yaml", [])
+        points = selector.front_of(archive.all(), config.budget)
+    finally:
+        archive.close()
+    if plot:
+        selector.plot(points, plot)
+    rows = selector.to_rows(points)
+    if as_json:
+        click.echo(json.dumps(rows))
+    else:
+        from edgenas.report import pareto_table
+
+        pareto_table(rows)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--top", default=3, show_default=True, type=click.IntRange(min=1), help="How many Pareto-chosen candidates.")
+@click.option("--candidates", "ids", help="Comma-separated iterations to finalize instead of --top.")
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1))
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated training seeds (test accuracy per seed).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override training keys, e.g. train.lr=0.1.")
+@click.option("--json", "as_json", is_flag=True, help="Print the model cards as a JSON array.")
+def finalize(run_dir, top, ids, epochs, seeds, overrides, as_json):
+    """Train the chosen candidates from scratch, test them, export fp32 and INT8 ONNX with model cards."""
+    from exporters.finalize import FinalizeError
+    from exporters.finalize import finalize as run_finalize
+
+    _open_archive(run_dir).close()
+    try:
+        id_list = [int(v) for v in ids.split(",")] if ids else None
+        seed_list = tuple(int(v) for v in seeds.split(","))
+    except ValueError:
+        raise UsageError("--candidates and --seeds take comma-separated integers") from None
+
+    def progress(iteration, p):
+        click.echo(f"candidate {iteration} seed {p['seed']}: epoch {p['epoch']}/{p['epochs']} loss {p['loss']:.4f}", err=True)
+
+    try:
+        cards = run_finalize(run_dir, top, id_list, epochs, seed_list, tuple(overrides), on_progress=progress)
+    except (ConfigError, FinalizeError) as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(cards))
+        return
+    for card in cards:
+        acc = card["test_accuracy"]
+        click.echo(f"candidate {card['candidate']}: test {acc['mean']:.2%} (int8 {acc['onnx_int8']:.2%}), "
+                   f"{card['params']:,} params, fp32 {card['file_bytes']['fp32']:,} B, int8 {card['file_bytes']['int8']:,} B "
+                   f"-> {run_dir}/final/{card['candidate']:05d}/")
+
+
+@main.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads (default: all cores).")
+@click.option("--runs", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--warmup", default=20, show_default=True, type=click.IntRange(min=0))
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True)
+def bench(model, threads, runs, warmup, batch, as_json):
+    """onnxruntime latency of an ONNX model (no torch needed: on a device, run python -m exporters.bench)."""
+    from exporters.bench import bench as run_bench
+
+    try:
+        result = run_bench(model, threads=threads, runs=runs, warmup=warmup, batch=batch)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for unreadable models
+        raise UsageError(f"cannot benchmark {model}: {str(e).splitlines()[0]}") from None
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{model}: p50 {result['p50_ms']:.3f} ms, p90 {result['p90_ms']:.3f} ms, mean {result['mean_ms']:.3f} ms, "
+                   f"{result['throughput_per_s']:.0f} images/s (batch {batch}, {result['threads']} threads)")
 
 
 if __name__ == "__main__":

@@ -40,18 +40,18 @@ class SandboxViolation(PermissionError):
     """Raised inside the candidate; the evaluator reports it as a `forbidden` failure."""
 
 
-def install(allowed_dir: str) -> None:
-    """Deny processes, network, signals, escape hatches and writes outside `allowed_dir`, for good.
+def install(allowed_dirs: list[str]) -> None:
+    """Deny processes, network, signals, escape hatches and writes outside `allowed_dirs`, for good.
 
     Audit hooks cannot be removed once added, so this is a one-way door for the process.
     """
-    root = os.path.realpath(allowed_dir) + os.sep
+    roots = tuple(os.path.realpath(d) + os.sep for d in allowed_dirs)
 
     def inside(path) -> bool:
         if isinstance(path, int):
             return False  # writing to an inherited descriptor (e.g. a result pipe) is not the candidate's business
         try:
-            return os.path.realpath(os.fsdecode(path)).startswith(root)
+            return os.path.realpath(os.fsdecode(path)).startswith(roots)
         except (TypeError, ValueError):
             return False
 
@@ -73,9 +73,9 @@ def install(allowed_dir: str) -> None:
                 isinstance(flags, int) and flags & WRITE_FLAGS
             )
             if writes and not inside(path):
-                deny(f"writing {path!r} (only the sandbox's temporary directory is writable)")
+                deny(f"writing {path!r} (only the sandbox's own directories are writable)")
         elif event in PATH_EVENTS:
             if not all(inside(args[i]) for i in PATH_EVENTS[event] if i < len(args)):
-                deny(f"'{event}' outside the sandbox's temporary directory")
+                deny(f"'{event}' outside the sandbox's own directories")
 
     sys.addaudithook(hook)

@@ -69,3 +69,13 @@ def candidates_table(rows: list[dict], console: Console | None = None) -> None:
         table.add_row(str(row["iteration"]), status, acc, _si(row["params"]), _si(row["macs"]),
                       _si(row["peak_memory_bytes"], "B"), row["modification"][:70])
     console.print(table)
+
+
+def pareto_table(rows: list[dict], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table("it", "front", "feasible", "val acc", "params", "MACs", "memory", "latency")
+    for row in rows:
+        table.add_row(str(row["iteration"]), str(row["front"]), "yes" if row["feasible"] else "[red]no[/]",
+                      f"{row['val_accuracy']:.2%}", _si(row["params"]), _si(row["macs"]),
+                      _si(row["peak_memory_bytes"], "B"), f"{row['latency_ms']:.3f} ms" if row["latency_ms"] else "-")
+    console.print(table)

@@ -43,6 +43,7 @@ class Limits:
     output_limit_bytes: int = 1 << 20
     network_isolation: bool = True
     cap_address_space: bool = True  # off on CUDA, which reserves huge address ranges
+    writable_dir: str | None = None  # a directory the job may write besides its temp dir (finalize's artifacts)
 
 
 def clean_env() -> dict[str, str]:
@@ -83,11 +84,17 @@ class Sandbox:
         self.info = reply["ready"]
         return self.info
 
-    def run(self, job: dict, limits: Limits) -> dict:
+    def run(self, job: dict, limits: Limits, on_progress=None) -> dict:
+        """Run one job in a fresh child; `on_progress` gets whatever the job reports as {"progress": ...}."""
         if self.proc is None or self.proc.poll() is not None:
             self.start()
         self._send({"job": job, "limits": asdict(limits)})
+        deadline = time.monotonic() + limits.timeout_s + 60
         reply = self._receive(limits.timeout_s + 60)
+        while reply is not None and "progress" in reply:
+            if on_progress is not None:
+                on_progress(reply["progress"])
+            reply = self._receive(max(1.0, deadline - time.monotonic()))
         if reply is None:  # the zygote itself died or wedged: replace it, report the candidate as crashed
             self.start()
             return {"result": None, "signal": None, "exit_code": None, "timed_out": False, "stage": None,
@@ -134,21 +141,26 @@ def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _readonly_filesystem(libc, writable: str) -> bool:
-    """In the child's own mount namespace, every mount becomes read-only except its temp directory.
+def _readonly_filesystem(libc, writable: list[str]) -> bool:
+    """In the child's own mount namespace, every mount becomes read-only except the writable directories.
 
     This catches writes the audit hook cannot see (C++ file writers such as torch.save's).
     """
     if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
         return False
-    if libc.mount(writable.encode(), writable.encode(), None, MS_BIND, None) != 0:
-        return False
+    for path in writable:
+        if libc.mount(path.encode(), path.encode(), None, MS_BIND, None) != 0:
+            return False
     with open("/proc/self/mounts") as f:
         points = {line.split()[1].replace("\\040", " ") for line in f}
     ok = True
-    for point in points - {writable}:
+    for point in points - set(writable):
         ok &= libc.mount(None, point.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY, None) == 0
     return ok
+
+
+def _writable(tmp: str, limits: Limits) -> list[str]:
+    return [tmp] + ([os.path.realpath(limits.writable_dir)] if limits.writable_dir else [])
 
 
 def _isolate(tmp: str, limits: Limits) -> list[str]:
@@ -160,11 +172,12 @@ def _isolate(tmp: str, limits: Limits) -> list[str]:
     flags = CLONE_NEWNS | (CLONE_NEWNET if limits.network_isolation else 0)
     if libc.unshare(flags) == 0 or libc.unshare(CLONE_NEWUSER | flags) == 0:  # root, or unprivileged userns
         done += ["netns"] if limits.network_isolation else []
-        if _readonly_filesystem(libc, tmp):
+        if _readonly_filesystem(libc, _writable(tmp, limits)):
             done.append("fs_readonly")
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the output cap: a write error, not a silent death
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.output_limit_bytes,) * 2)
+    file_cap = limits.output_limit_bytes if limits.writable_dir is None else max(limits.output_limit_bytes, 1 << 33)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (file_cap, file_cap))
     done.append("fsize")
     if limits.cap_address_space:
         with open("/proc/self/status") as f:
@@ -195,7 +208,7 @@ def _child(worker, job: dict, limits: Limits, tmp: str, write_fd: int) -> None:
         isolation = _isolate(tmp, limits)
         from edgenas import guard
 
-        guard.install(tmp)
+        guard.install(_writable(tmp, limits))
         report({"result": worker.run(job, report, isolation + ["audit"])})
     except BaseException:  # noqa: BLE001 - anything at all becomes a message, never a hang
         try:
@@ -206,7 +219,19 @@ def _child(worker, job: dict, limits: Limits, tmp: str, write_fd: int) -> None:
         os._exit(0)
 
 
-def run_job(worker, job: dict, limits: Limits) -> dict:
+def _progress_lines(buffer: bytes, seen: int, on_progress) -> int:
+    """Forward each newly completed `{"progress": ...}` line; returns how far the buffer was scanned."""
+    end = buffer.rfind(b"\n") + 1
+    for line in buffer[seen:end].splitlines():
+        if line.startswith(b'{"progress"'):
+            try:
+                on_progress(json.loads(line)["progress"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass
+    return max(seen, end)
+
+
+def run_job(worker, job: dict, limits: Limits, on_progress=None) -> dict:
     """Fork, limit, run, collect: the zygote's one service. Every exit path yields a dict."""
     tmp = tempfile.mkdtemp(prefix="edgenas-candidate-")
     read_fd, write_fd = os.pipe()
@@ -217,7 +242,7 @@ def run_job(worker, job: dict, limits: Limits) -> dict:
         _child(worker, job, limits, tmp, write_fd)
     os.close(write_fd)
     deadline = start + limits.timeout_s
-    buffer, timed_out, status = b"", False, None
+    buffer, timed_out, status, scanned = b"", False, None, 0
     with selectors.DefaultSelector() as sel:
         sel.register(read_fd, selectors.EVENT_READ)
         while len(buffer) < MAX_REPLY_BYTES:
@@ -230,6 +255,8 @@ def run_job(worker, job: dict, limits: Limits) -> dict:
                 if not chunk:
                     break
                 buffer += chunk
+                if on_progress is not None:
+                    scanned = _progress_lines(buffer, scanned, on_progress)
     while status is None:  # the pipe closed; the child should exit now, but hold it to the deadline too
         done, status_word = os.waitpid(pid, os.WNOHANG)
         if done:
@@ -288,7 +315,7 @@ def zygote(target: str) -> None:
     send({"ready": worker.info()})
     for line in sys.stdin:
         request = json.loads(line)
-        send(run_job(worker, request["job"], Limits(**request["limits"])))
+        send(run_job(worker, request["job"], Limits(**request["limits"]), lambda p: send({"progress": p})))
 
 
 if __name__ == "__main__":

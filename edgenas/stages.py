@@ -57,12 +57,14 @@ def classify(exc: BaseException, stage: str) -> tuple[FailureKind, str]:
 class Worker:
     """Zygote-side state: config and data loaded once; `prepare` and `run` execute in each child."""
 
+    with_test = False  # the proxy never sees the test split
+
     def __init__(self, init: dict):
         torch.set_num_threads(1)  # a multi-threaded OpenMP pool does not survive fork
         import torchvision.models  # noqa: F401 - its C ops load through ctypes, which the guard denies later
 
         self.config = Config.model_validate(init["config"])
-        self.data = load_data(self.config.dataset)
+        self.data = load_data(self.config.dataset, with_test=self.with_test)
         wanted = self.config.eval.device
         cuda = wanted != "cpu" and torch.cuda.is_available()
         if wanted == "cuda" and not cuda:
