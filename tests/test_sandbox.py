@@ -190,3 +190,8 @@ def test_over_budget_fails_before_training():
 
 def test_evaluator_survives_all_of_it(evaluator):
     assert evaluator.evaluate(program("good_cnn.py")).ok
+
+
+def test_ctypes_is_forbidden_for_candidate_code(evaluator):
+    body = f"{SYS}.modules['importlib'].import_module('ctypes').c_int.from_address(id(self))"
+    check(evaluator, net(body=body), FailureKind.forbidden, "ctypes")
