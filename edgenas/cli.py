@@ -126,7 +126,7 @@ def search(config_file, overrides, run_dir, iterations, seed_program, no_cache, 
     except (ConfigError, SandboxError, ArchiveError) as e:
         raise UsageError(str(e)) from None
     except KeyboardInterrupt:
-        raise click.ClickException(f"interrupted; resume with: edgenas search --run-dir {path}") from None
+        raise click.ClickException("interrupted; resume with: edgenas search --run-dir RUN_DIR") from None
     if as_json:
         click.echo(json.dumps(summary))
     else:

@@ -33,7 +33,7 @@ def assess(iteration: int, proposal: Proposal, best: Candidate | None, archive, 
     common = dict(iteration=iteration, problem=proposal.problem, modification=proposal.modification,
                   code=proposal.code, parent=best.iteration if best else None, prompts=proposal.prompts,
                   replies=proposal.replies, tokens_in=proposal.tokens_in, tokens_out=proposal.tokens_out,
-                  llm_seconds=proposal.llm_seconds, created=time.time())
+                  llm_seconds=proposal.llm_seconds, llm_calls=proposal.calls, created=time.time())
     if proposal.error is not None:
         return Candidate(status="llm_error", outcome=Outcome(status="llm_error", kind="llm_error", diagnostic=proposal.error), **common)
     if proposal.code is None:

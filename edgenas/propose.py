@@ -34,6 +34,7 @@ class Proposal:
     tokens_in: int = 0
     tokens_out: int = 0
     llm_seconds: float = 0.0
+    calls: list[dict] = field(default_factory=list)  # per LLM call: role, tokens, seconds, cache hit
     error: str | None = None  # the LLM failed for good; recorded as an outcome, the loop goes on
 
 
@@ -47,8 +48,11 @@ class LLMProposer:
         self.generator_sampling, self.improver_sampling = generator_sampling, improver_sampling
         self.task, self.use_improver, self.use_reference, self.seed = task, use_improver, use_reference, seed
 
-    def _call(self, model: ChatModel, messages: list[dict], sampling: Sampling, seed: int, proposal: Proposal) -> Reply:
+    def _call(self, role: str, messages: list[dict], seed: int, proposal: Proposal) -> Reply:
+        model, sampling = (self.improver, self.improver_sampling) if role == "improver" else (self.generator, self.generator_sampling)
         reply = model.chat(messages, Sampling(sampling.temperature, sampling.top_p, sampling.max_tokens, seed))
+        proposal.calls.append({"role": role, "tokens_in": reply.tokens_in, "tokens_out": reply.tokens_out,
+                               "seconds": round(reply.seconds, 3), "cached": reply.cached, "truncated": reply.truncated})
         proposal.prompts.append(messages)
         proposal.replies.append(reply.text)
         proposal.tokens_in += reply.tokens_in
@@ -58,11 +62,11 @@ class LLMProposer:
 
     def _improve(self, ctx: Context, seed: int, proposal: Proposal) -> None:
         messages = improver_messages(self.task, ctx.best, ctx.last, ctx.history)
-        reply = self._call(self.improver, messages, self.improver_sampling, seed, proposal)
+        reply = self._call("improver", messages, seed, proposal)
         parsed = extract_json(reply.text)
         if parsed is None:  # ask once more, then fall back to a recorded generic change
             retry = [*messages, {"role": "assistant", "content": reply.text}, {"role": "user", "content": RETRY_JSON}]
-            parsed = extract_json(self._call(self.improver, retry, self.improver_sampling, seed + 1, proposal).text)
+            parsed = extract_json(self._call("improver", retry, seed + 1, proposal).text)
         if parsed is None:
             parsed = {"problem": "(fallback: the improver's reply could not be parsed)", "modification": FALLBACK_MODIFICATION}
         proposal.problem, proposal.modification = parsed["problem"], parsed["modification"]
@@ -74,7 +78,7 @@ class LLMProposer:
             if ctx.best is not None and self.use_improver:
                 self._improve(ctx, seed, proposal)
             messages = generator_messages(self.task, ctx.best, proposal.modification, ctx.history, self.use_reference)
-            reply = self._call(self.generator, messages, self.generator_sampling, seed + 2, proposal)
+            reply = self._call("generator", messages, seed + 2, proposal)
             proposal.code = extract_code(reply.text)
         except LLMError as e:
             proposal.error = str(e)

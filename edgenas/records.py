@@ -129,6 +129,7 @@ class Candidate(Record):
     tokens_in: int = 0
     tokens_out: int = 0
     llm_seconds: float = 0.0
+    llm_calls: list[dict] = []  # per call: role, tokens in/out, seconds, cache hit, truncated
     eval_seconds: float = 0.0
     is_best: bool = False  # became the best when it was evaluated
     created: float = 0.0

@@ -83,6 +83,7 @@ def test_loop_keeps_the_best_and_records_every_outcome(tmp_path):
     assert rows[4].duplicate_of == 1 and rows[2].outcome.kind == "shape"
     assert archive.best().iteration == 5 and rows[1].problem == "problem 0" and rows[0].problem == "no valid model yet"
     assert rows[5].parent == 1 and rows[1].tokens_in == 20  # improver + generator calls
+    assert [c["role"] for c in rows[1].llm_calls] == ["improver", "generator"] and rows[1].llm_calls[0]["tokens_out"] == 5
     assert (tmp_path / "run" / "candidates" / "00005.py").read_text() == program(0.6)
 
 
