@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, RESULTS_DIR, machine_info, table
+from common import DEFAULT_DATA_ROOT, REPO, RESULTS_DIR, machine_info, table
 
 from edgenas.archive import Archive
 from edgenas.config import load_config
@@ -44,11 +44,12 @@ def main() -> None:
     p.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"))
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--keep-run", type=Path, help="keep the run directory here (for archive_latency.py, finalize)")
     args = p.parse_args()
-    config = load_config(args.config, [f"search.iterations={args.iterations}", *args.overrides])
+    config = load_config(args.config, [f"dataset.root={DEFAULT_DATA_ROOT}", f"search.iterations={args.iterations}", *args.overrides])
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        run = Path(tmp) / "run"
+        run = args.keep_run or Path(tmp) / "run"
         run_search(config, run, resuming=False)
         archive = Archive(run)
         candidates = archive.all()

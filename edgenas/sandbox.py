@@ -50,8 +50,7 @@ def clean_env() -> dict[str, str]:
     """An allow-listed environment: API keys and tokens never reach generated code."""
     env = {k: os.environ[k] for k in SAFE_ENV if k in os.environ}
     env.update(PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1",
-               PYTORCH_NVML_BASED_CUDA_CHECK="1",  # asking for a GPU must not initialise CUDA before fork
-               MALLOC_MMAP_THRESHOLD_="131072")  # large buffers come and go with mmap, so RSS peaks are honest
+               PYTORCH_NVML_BASED_CUDA_CHECK="1")  # asking for a GPU must not initialise CUDA before fork
     return env
 
 

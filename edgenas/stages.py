@@ -143,29 +143,38 @@ class Worker:
         cfg = self.config.train
         images = self.train_split.images[: cfg.batch_size]
         labels = self.train_split.labels[: cfg.batch_size]
-        for channels_last in dict.fromkeys([cfg.channels_last, False]):
-            probe = copy.deepcopy(self.model).to(self.torch_device)
-            if channels_last:
-                probe = probe.to(memory_format=torch.channels_last)
-            normalize = Normalize(self.data.mean, self.data.std, self.torch_device, channels_last)
-            optimizer = torch.optim.SGD(probe.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-            try:
-                probe.train()
-                train_step(probe, optimizer, normalize(images), labels, cfg)  # warm-up: lazy state, code pages
-                state_bytes = sum(t.numel() * t.element_size() for t in _training_state(probe, optimizer))
-                at_reset = self.memory.current()
-                self.memory.reset()
-                train_step(probe, optimizer, normalize(images), labels, cfg)
-            except RuntimeError as e:
-                if not channels_last or "memory" in str(e).lower():
-                    raise
-                continue  # a view() that assumes NCHW: train this model in the default layout
-            # what the step needs: weights, gradients and optimizer state, plus its activations and temporaries
-            peak = self.memory.peak() - at_reset + state_bytes
-            self.channels_last, self.normalize = channels_last, normalize
-            del probe, optimizer
-            return peak
-        raise AssertionError("unreachable")
+        self.memory.exact(True)
+        try:
+            for channels_last in dict.fromkeys([cfg.channels_last, False]):
+                peak = self._probe_step(channels_last, images, labels)
+                if peak is not None:
+                    return peak
+        finally:
+            self.memory.exact(False)
+        raise AssertionError("unreachable: the default layout either works or raises")
+
+    def _probe_step(self, channels_last: bool, images, labels) -> int | None:
+        """Peak bytes of one training step in this layout, or None when the model cannot use channels_last."""
+        cfg = self.config.train
+        probe = copy.deepcopy(self.model).to(self.torch_device)
+        if channels_last:
+            probe = probe.to(memory_format=torch.channels_last)
+        normalize = Normalize(self.data.mean, self.data.std, self.torch_device, channels_last)
+        optimizer = torch.optim.SGD(probe.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        try:
+            probe.train()
+            train_step(probe, optimizer, normalize(images), labels, cfg)  # warm-up: lazy state, code pages
+            state_bytes = sum(t.numel() * t.element_size() for t in _training_state(probe, optimizer))
+            at_reset = self.memory.current()
+            self.memory.reset()
+            train_step(probe, optimizer, normalize(images), labels, cfg)
+        except RuntimeError as e:
+            if not channels_last or "memory" in str(e).lower():
+                raise
+            return None  # a view() that assumes NCHW: train this model in the default layout
+        self.channels_last, self.normalize = channels_last, normalize
+        # what the step needs: weights, gradients and optimizer state, plus its activations and temporaries
+        return self.memory.peak() - at_reset + state_bytes
 
     def _train(self, job, out):
         cfg = self.config.train
