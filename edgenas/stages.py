@@ -43,7 +43,7 @@ def classify(exc: BaseException, stage: str) -> tuple[FailureKind, str]:
     if isinstance(exc, ContractError):
         return FailureKind.contract, str(exc)
     if isinstance(exc, NonFiniteLoss):
-        return FailureKind.nan, f"{exc}; lower the learning-rate sensitivity (normalisation layers, smaller init) or fix the arithmetic"
+        return FailureKind.nan, f"{exc}; add normalisation layers, use a smaller initialisation, or fix arithmetic that can overflow or divide by zero"
     if isinstance(exc, MemoryError | torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower() \
             or "can't allocate memory" in str(exc).lower():
         return FailureKind.oom, f"{text}\n(out of memory during {stage}: make the model or its activations smaller)"

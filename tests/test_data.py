@@ -68,3 +68,18 @@ def test_missing_dataset_says_where_to_put_it(tmp_path):
         assert "cifar-10-batches-py" in str(e) and str(tmp_path / "none") in str(e)
     else:
         raise AssertionError("expected DataError")
+
+
+def test_imagenette_reads_train_and_val_at_160(shared_cifar, tmp_path):
+    import shutil
+
+    source = shared_cifar.parent / "imagenette2-160"
+    for split in ("train", "val"):
+        for cls in sorted(p.name for p in (source / split).iterdir()):
+            (tmp_path / "inette" / split / cls).mkdir(parents=True)
+            for image in sorted((source / split / cls).iterdir())[:3]:
+                shutil.copy(image, tmp_path / "inette" / split / cls / image.name)
+    cfg = DatasetConfig(name="imagenette", root=str(tmp_path / "inette"), val_size=10, cache_dir=str(tmp_path / "cache"))
+    data = load_data(cfg, with_test=True)
+    assert data.in_shape == (3, 160, 160) and data.num_classes == 10 and len(data.test) == 30
+    assert data.classes[0].startswith("n0")

@@ -227,3 +227,28 @@ def test_transformers_4bit_needs_cuda(tiny_model):
     chat = make_chat_model(LLMConfig(backend="transformers", model=tiny_model, load_in_4bit=True))
     with pytest.raises(LLMError, match="CUDA"):
         chat.chat(MESSAGES, SAMPLING)
+
+
+def test_search_loop_driven_by_the_in_process_model(tiny_model, tmp_path):
+    """The whole improver -> generator -> evaluator loop on the in-process backend: a random-weight model writes
+    no usable code, and every such reply becomes a recorded outcome instead of stopping the loop."""
+    from edgenas import loop
+    from edgenas.archive import Archive
+    from edgenas.config import BudgetConfig, LLMConfig, SearchConfig
+    from edgenas.llm import make_chat_model
+    from edgenas.prompts import Task
+    from edgenas.propose import LLMProposer
+    from edgenas.records import EvalResult, Status
+
+    class Evaluator:
+        def evaluate(self, code):
+            return EvalResult(status=Status.ok, val_accuracy=0.5, params=10, macs=10, peak_memory_bytes=10)
+
+    chat = make_chat_model(LLMConfig(backend="transformers", model=str(tiny_model), max_tokens=24), str(tmp_path / "cache.sqlite"))
+    task = Task("synthetic", 4, (3, 16, 16), BudgetConfig(), "1 epoch")
+    archive = Archive(tmp_path / "run")
+    loop.run(archive, LLMProposer(chat, chat, Sampling(max_tokens=24), Sampling(max_tokens=24), task), Evaluator(),
+             SearchConfig(iterations=3))
+    rows = archive.all()
+    assert [r.iteration for r in rows] == [0, 1, 2] and all(r.status in ("no_code", "ok", "failed", "duplicate") for r in rows)
+    assert all(r.tokens_out > 0 and r.llm_calls and r.replies for r in rows)
