@@ -79,6 +79,7 @@ class EvalConfig(Section):
     memory_limit_mb: int = Field(8192, ge=256)  # hard cap of the candidate process (CPU RAM or GPU memory)
     output_limit_bytes: int = Field(1 << 20, ge=1024)
     latency_runs: int = Field(30, ge=1)
+    latency_threads: int = Field(1, ge=1)  # one thread: closer to an edge core, and robust to a busy machine
     network_isolation: bool = True
 
 

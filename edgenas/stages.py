@@ -200,7 +200,12 @@ class Worker:
 
     def _latency(self, job, out):
         example = self.normalize(self.val_split.images[:1])
-        out["latency_ms"] = round(profile.latency_ms(self.model, example, runs=self.config.eval.latency_runs), 4)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.config.eval.latency_threads)
+        try:
+            out["latency_ms"] = round(profile.latency_ms(self.model, example, runs=self.config.eval.latency_runs), 4)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def _training_state(model, optimizer):

@@ -149,7 +149,7 @@ def finalize(run_dir, top: int = 3, ids: list[int] | None = None, epochs: int = 
     """Train, score, export, quantize and measure each chosen candidate; returns one card per model."""
     from edgenas.archive import Archive
 
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).resolve()  # the sandboxed child runs in its own directory
     config = load_config(run_dir / "config.yaml", [*FULL_TRAINING, f"train.epochs={epochs}", *overrides])
     archive = Archive(run_dir)
     try:

@@ -21,11 +21,11 @@ def program(name: str) -> str:
     return (PROGRAMS / name).read_text()
 
 
-def run_cli(*args, env=None, timeout=600):
+def run_cli(*args, env=None, timeout=600, cwd=None):
     import subprocess
 
     return subprocess.run([sys.executable, "-m", "edgenas.cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(scope="session")

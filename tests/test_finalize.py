@@ -32,7 +32,8 @@ def test_pareto_lists_the_front_and_plots_it(finished_run, tmp_path):
 
 
 def test_finalize_trains_exports_quantizes_and_writes_cards(finished_run):
-    proc = run_cli("finalize", finished_run, "--candidates", "0", "--epochs", "2", "--seeds", "0,1", "--json")
+    # a relative run directory, as a person types it: the sandboxed child works elsewhere
+    proc = run_cli("finalize", "run", "--candidates", "0", "--epochs", "2", "--seeds", "0,1", "--json", cwd=finished_run.parent)
     assert proc.returncode == 0, proc.stderr
     (card,) = json.loads(proc.stdout)
     out = finished_run / "final" / "00000"
