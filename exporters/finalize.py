@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-from datetime import datetime, timezone
 from pathlib import Path
 
 from edgenas.config import load_config
@@ -200,13 +198,11 @@ def _onnx_accuracy(path: Path, images, labels) -> float:
 
 def _measure_and_card(candidate, seed_results, out_dir: Path, config, info) -> dict:
     import numpy as np
-    import onnx
-    import onnxruntime
     import torch
 
     from edgenas.data import Normalize, load_data
-    from exporters.bench import bench
-    from exporters.card import write_card
+    from exporters.bench import available_cores, bench
+    from exporters.card import environment, write_card
     from exporters.quantize import quantize_int8
 
     data = load_data(config.dataset, with_test=True)
@@ -216,7 +212,7 @@ def _measure_and_card(candidate, seed_results, out_dir: Path, config, info) -> d
     quantize_int8(fp32, int8, calibration.numpy())
     test_images = torch.cat([normalize(data.test.images[i : i + 1000]) for i in range(0, len(data.test), 1000)]).numpy()
     test_labels = data.test.labels.numpy()
-    threads = sorted({1, os.cpu_count() or 1})
+    threads = sorted({1, available_cores()})
     first = seed_results[0]
     accuracies = [r["test_accuracy"] for r in seed_results]
     card = {
@@ -237,18 +233,9 @@ def _measure_and_card(candidate, seed_results, out_dir: Path, config, info) -> d
             **{f"onnxruntime_{kind}_threads_{t}": bench(str(path), threads=t, runs=200, warmup=20)
                for kind, path in (("fp32", fp32), ("int8", int8)) for t in threads},
         },
-        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
-                     "edgenas": __import__("edgenas").__version__, "python": platform.python_version()},
-        "cpu": _cpu_name(), "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "environment": environment(),
         "artifacts": {"model.pt": "model.pt", "model.onnx": fp32.name, "model.int8.onnx": int8.name},
     }
     write_card(out_dir, card)
     return card
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
