@@ -34,12 +34,8 @@ PATH_EVENTS = {  # event -> indexes of path arguments that must stay inside the 
     "os.removexattr": (0,), "os.mkfifo": (0,), "os.mknod": (0,),
 }
 # (event, file of the Python frame that raised it): trusted library code that needs an escape hatch.
-# torch's ONNX exporter reads tensor memory through ctypes when it serialises weights; edgenas's own
-# memory probe tunes glibc's allocator around the measured training step.
-TRUSTED_CALLERS = {
-    ("ctypes.cdata", os.path.join("torch", "onnx", "_internal", "exporter", "_core.py")),
-    ("ctypes.call_function", os.path.join("edgenas", "profile.py")),
-}
+# torch's ONNX exporter reads tensor memory through ctypes when it serialises weights.
+TRUSTED_CALLERS = {("ctypes.cdata", os.path.join("torch", "onnx", "_internal", "exporter", "_core.py"))}
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 

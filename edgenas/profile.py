@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -44,52 +45,44 @@ def count_macs(model: torch.nn.Module, example: torch.Tensor) -> tuple[int | Non
 
 
 class PeakMemory:
-    """Peak memory of a region: CUDA's allocator statistics, or the kernel's RSS high-water mark on CPU.
+    """Peak bytes that tensors allocated during a region, above what was allocated when it began.
 
-    On CPU /proc/self/clear_refs ("5") resets VmHWM to the current RSS, so the peak of one region can be
-    read in a forked child whose counters were inherited. The handle is opened before the sandbox guard.
+    CUDA: the caching allocator's statistics. CPU: the profiler's allocation events, replayed in order; this
+    is allocator-exact and the same on every run, unlike the process's RSS (which moves with page
+    granularity and glibc's caching), so records and the prompts built from them reproduce.
     """
 
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-
     def __init__(self, device: torch.device):
-        import ctypes
-
         self.device = device
-        self.clear_fd = os.open("/proc/self/clear_refs", os.O_WRONLY) if device.type == "cpu" else None
-        self._mallopt = ctypes.CDLL(None).mallopt if device.type == "cpu" else None
+        self.quiet_fd = os.open(os.devnull, os.O_WRONLY)  # opened before the sandbox guard denies it
 
-    def exact(self, on: bool) -> None:
-        """While on, every buffer over 128 KiB is its own mmap, freed at once, so RSS peaks are honest.
-
-        Off, glibc keeps and reuses freed buffers up to 32 MiB without faulting pages in again (what its
-        dynamic threshold converges to): training runs ~2x faster that way, but a peak read then would miss
-        memory reused from earlier steps. Setting one threshold freezes the other, so both are set.
-        """
-        if self._mallopt is not None:
-            self._mallopt(self.M_MMAP_THRESHOLD, 128 << 10 if on else 32 << 20)
-            self._mallopt(self.M_TRIM_THRESHOLD, 128 << 10 if on else 64 << 20)
-
-    @staticmethod
-    def _status_kb(field: str) -> int:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field)) * 1024
-
-    def current(self) -> int:
+    @contextmanager
+    def region(self):
+        found: dict[str, int] = {}
         if self.device.type == "cuda":
-            return torch.cuda.memory_allocated(self.device)
-        return self._status_kb("VmRSS:")
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            start = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            os.write(self.clear_fd, b"5")
+            yield found
+            torch.cuda.synchronize(self.device)
+            found["peak"] = torch.cuda.max_memory_allocated(self.device) - start
+            return
+        from torch.profiler import ProfilerActivity, profile
 
-    def peak(self) -> int:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device)
-        return self._status_kb("VmHWM:")
+        saved = os.dup(2)
+        os.dup2(self.quiet_fd, 2)  # the profiler logs its start and stop on stderr, into the candidate's output
+        try:
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                yield found
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        deltas = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+        running = peak = 0
+        for _, nbytes in deltas:
+            running += nbytes
+            peak = max(peak, running)
+        found["peak"] = peak
 
 
 def latency_ms(model: torch.nn.Module, example: torch.Tensor, runs: int = 30, warmup: int = 5) -> float:

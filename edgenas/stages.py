@@ -143,14 +143,10 @@ class Worker:
         cfg = self.config.train
         images = self.train_split.images[: cfg.batch_size]
         labels = self.train_split.labels[: cfg.batch_size]
-        self.memory.exact(True)
-        try:
-            for channels_last in dict.fromkeys([cfg.channels_last, False]):
-                peak = self._probe_step(channels_last, images, labels)
-                if peak is not None:
-                    return peak
-        finally:
-            self.memory.exact(False)
+        for channels_last in dict.fromkeys([cfg.channels_last, False]):
+            peak = self._probe_step(channels_last, images, labels)
+            if peak is not None:
+                return peak
         raise AssertionError("unreachable: the default layout either works or raises")
 
     def _probe_step(self, channels_last: bool, images, labels) -> int | None:
@@ -163,18 +159,18 @@ class Worker:
         optimizer = torch.optim.SGD(probe.parameters(), lr=cfg.lr, momentum=cfg.momentum)
         try:
             probe.train()
-            train_step(probe, optimizer, normalize(images), labels, cfg)  # warm-up: lazy state, code pages
+            train_step(probe, optimizer, normalize(images), labels, cfg)  # warm-up: optimizer state, lazy init
+            optimizer.zero_grad(set_to_none=True)  # the profiler cannot see frees of blocks made before it starts
             state_bytes = sum(t.numel() * t.element_size() for t in _training_state(probe, optimizer))
-            at_reset = self.memory.current()
-            self.memory.reset()
-            train_step(probe, optimizer, normalize(images), labels, cfg)
+            with self.memory.region() as step:
+                train_step(probe, optimizer, normalize(images), labels, cfg)
         except RuntimeError as e:
             if not channels_last or "memory" in str(e).lower():
                 raise
             return None  # a view() that assumes NCHW: train this model in the default layout
         self.channels_last, self.normalize = channels_last, normalize
         # what the step needs: weights, gradients and optimizer state, plus its activations and temporaries
-        return self.memory.peak() - at_reset + state_bytes
+        return state_bytes + step["peak"]
 
     def _train(self, job, out):
         cfg = self.config.train

@@ -88,7 +88,7 @@ def test_good_candidate_is_fully_measured(evaluator):
 
 def test_same_code_gives_the_same_record(evaluator):
     a, b = (evaluator.evaluate(program("good_cnn.py")) for _ in range(2))
-    assert (a.val_accuracy, a.train_loss_last) == (b.val_accuracy, b.train_loss_last)
+    assert (a.val_accuracy, a.train_loss_last, a.peak_memory_bytes) == (b.val_accuracy, b.train_loss_last, b.peak_memory_bytes)
 
 
 def test_model_that_needs_nchw_falls_back_from_channels_last(evaluator):
