@@ -8,7 +8,6 @@ then works on ONNX files only (quantization, onnxruntime accuracy and latency, t
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from edgenas.config import load_config
@@ -95,25 +94,21 @@ class FinalizeWorker(Worker):
         import torch
 
         from edgenas import profile
+        from edgenas.data import Normalize
+        from exporters.bench import available_cores
         from exporters.onnx_export import check_parity, export_onnx, parity
 
         shutil.copy(self.out_dir / f"model-seed{self.config.train.seed}.pt", self.out_dir / "model.pt")
         path = export_onnx(model, self.data.in_shape, self.out_dir / "model.onnx")
-        test = self.data.test
-        images = torch.cat([self.normalize_cpu(test.images[i : i + 500]) for i in range(0, min(len(test), 2000), 500)])
+        images = Normalize(self.data.mean, self.data.std, "cpu")(self.data.test.images[:2000])
         report = parity(model, path, images)
         check_parity(report)  # fails loudly: a model that disagrees with PyTorch is not shipped
         example = images[:1]
         latency = {}
-        for threads in (1, os.cpu_count() or 1):
+        for threads in sorted({1, available_cores()}):
             torch.set_num_threads(threads)
             latency[f"threads_{threads}"] = profile.latency_ms(model, example, runs=100, warmup=10)
         return {"parity": report, "torch_latency_ms": latency}
-
-    def normalize_cpu(self, images):
-        from edgenas.data import Normalize
-
-        return Normalize(self.data.mean, self.data.std, "cpu")(images)
 
 
 def _concat(a, b):
@@ -154,6 +149,7 @@ def finalize(run_dir, top: int = 3, ids: list[int] | None = None, epochs: int = 
         chosen = choose(archive, config.budget, top, ids)
     finally:
         archive.close()
+    reference = _reference_images(config)
     cards = []
     with Sandbox("exporters.finalize:FinalizeWorker", {"config": config.model_dump(mode="json")}) as sandbox:
         info = sandbox.start()
@@ -164,7 +160,7 @@ def finalize(run_dir, top: int = 3, ids: list[int] | None = None, epochs: int = 
                             network_isolation=config.eval.network_isolation, writable_dir=str(out_dir),
                             cap_address_space=info["device"] == "cpu")
             seed_results = [_train_seed(sandbox, candidate, seed, seed == seeds[0], out_dir, limits, on_progress) for seed in seeds]
-            cards.append(_measure_and_card(candidate, seed_results, out_dir, config, info))
+            cards.append(_measure_and_card(candidate, seed_results, out_dir, config, info, reference))
     return cards
 
 
@@ -183,35 +179,34 @@ def _train_seed(sandbox, candidate, seed, export, out_dir, limits, on_progress) 
     return result
 
 
-def _onnx_accuracy(path: Path, images, labels) -> float:
-    import numpy as np
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    correct = 0
-    for i in range(0, len(labels), 500):
-        logits = session.run(None, {name: images[i : i + 500]})[0]
-        correct += int((np.argmax(logits, 1) == labels[i : i + 500]).sum())
-    return correct / len(labels)
-
-
-def _measure_and_card(candidate, seed_results, out_dir: Path, config, info) -> dict:
-    import numpy as np
+def _reference_images(config) -> dict:
+    """Calibration and test images for the host's ONNX work, normalised once for every candidate."""
     import torch
 
     from edgenas.data import Normalize, load_data
+
+    data = load_data(config.dataset, with_test=True)
+    normalize = Normalize(data.mean, data.std, "cpu")
+    pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:256]
+    return {"calibration": normalize(data.train.images[pick]), "test_images": normalize(data.test.images),
+            "test_labels": data.test.labels.numpy()}
+
+
+def _onnx_accuracy(path: Path, reference: dict) -> float:
+    from exporters.onnx_export import onnx_logits
+
+    return float((onnx_logits(path, reference["test_images"]).argmax(1) == reference["test_labels"]).mean())
+
+
+def _measure_and_card(candidate, seed_results, out_dir: Path, config, info, reference: dict) -> dict:
+    import numpy as np
+
     from exporters.bench import available_cores, bench
     from exporters.card import environment, write_card
     from exporters.quantize import quantize_int8
 
-    data = load_data(config.dataset, with_test=True)
-    normalize = Normalize(data.mean, data.std, "cpu")
-    calibration = normalize(data.train.images[torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:256]])
     fp32, int8 = out_dir / "model.onnx", out_dir / "model.int8.onnx"
-    quantize_int8(fp32, int8, calibration.numpy())
-    test_images = torch.cat([normalize(data.test.images[i : i + 1000]) for i in range(0, len(data.test), 1000)]).numpy()
-    test_labels = data.test.labels.numpy()
+    quantize_int8(fp32, int8, reference["calibration"].numpy())
     threads = sorted({1, available_cores()})
     first = seed_results[0]
     accuracies = [r["test_accuracy"] for r in seed_results]
@@ -224,8 +219,8 @@ def _measure_and_card(candidate, seed_results, out_dir: Path, config, info) -> d
                      "device": info["device"]},
         "test_accuracy": {"per_seed": {str(r["seed"]): r["test_accuracy"] for r in seed_results},
                           "mean": float(np.mean(accuracies)), "std": float(np.std(accuracies)),
-                          "onnx_fp32": _onnx_accuracy(fp32, test_images, test_labels),
-                          "onnx_int8": _onnx_accuracy(int8, test_images, test_labels)},
+                          "onnx_fp32": _onnx_accuracy(fp32, reference),
+                          "onnx_int8": _onnx_accuracy(int8, reference)},
         "file_bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size},
         "parity": first["parity"],
         "latency_ms": {

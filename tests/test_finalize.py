@@ -35,6 +35,7 @@ def test_finalize_trains_exports_quantizes_and_writes_cards(finished_run):
     # a relative run directory, as a person types it: the sandboxed child works elsewhere
     proc = run_cli("finalize", "run", "--candidates", "0", "--epochs", "2", "--seeds", "0,1", "--json", cwd=finished_run.parent)
     assert proc.returncode == 0, proc.stderr
+    assert "candidate 0 seed 1: epoch 2/2" in proc.stderr  # progress streams out of the sandboxed child
     (card,) = json.loads(proc.stdout)
     out = finished_run / "final" / "00000"
     for name in ("model.pt", "model.onnx", "model.int8.onnx", "card.json", "card.md"):
