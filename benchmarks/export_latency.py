@@ -121,7 +121,7 @@ def main() -> None:
     machine = {**machine_info(), "versions": environment()}
     all_threads = available_cores()
 
-    data = load_data(config.dataset, with_test=True)
+    data = load_data(config.dataset, ("train", "val", "test"))
     torch.manual_seed(config.train.seed)
     model, _ = construct(load_module(RESNET8)["Net"], data.in_shape, data.num_classes)
     normalize = Normalize(data.mean, data.std, "cpu")

@@ -5,6 +5,7 @@
     RUN_DIR/candidates/N.py    each candidate's code, for people
     RUN_DIR/events.jsonl       append-only event log
 
+Everything written passes through `redact` first, so no API key or token from the environment lands in a run.
 Contract: an iteration is written in one transaction after it finished, so a kill -9 at any moment
 loses at most the iteration in flight and never leaves a partial or duplicate row. Everything the loop
 needs to resume (next iteration, best, memory window) is derived from the rows.
@@ -18,7 +19,8 @@ import sqlite3
 import time
 from pathlib import Path
 
-from edgenas.records import Candidate
+from edgenas import redact
+from edgenas.records import Candidate, Failure
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -43,6 +45,18 @@ CREATE INDEX IF NOT EXISTS candidates_hash ON candidates (code_hash);
 
 class ArchiveError(RuntimeError):
     pass
+
+
+def _record(candidate: Candidate) -> str:
+    """The candidate as JSON with secrets scrubbed from every string (code, prompts, replies, diagnostics)."""
+    text = candidate.model_dump_json()
+    if not redact.active():
+        return text
+    record = redact.scrub_data(json.loads(text))  # scrub parsed strings: text-level edits could split an escape
+    failure = (record.get("result") or {}).get("failure")
+    if failure:  # a marker can be longer than the secret it replaces; the record must still load
+        failure["message"] = failure["message"][:Failure.model_fields["message"].metadata[0].max_length]
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
 
 
 class Archive:
@@ -71,13 +85,13 @@ class Archive:
         if candidate.code is not None:
             path = self.dir / "candidates" / f"{candidate.iteration:05d}.py"
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(candidate.code)
+            tmp.write_text(redact.scrub(candidate.code))
             os.replace(tmp, path)
         r = candidate.result
         row = (candidate.iteration, candidate.status, candidate.outcome.kind if candidate.status != "ok" else None,
                candidate.val_accuracy, r.params if r else None, r.macs if r else None,
                r.peak_memory_bytes if r else None, r.latency_ms if r else None, candidate.code_hash,
-               int(candidate.is_best), candidate.created or time.time(), candidate.model_dump_json())
+               int(candidate.is_best), candidate.created or time.time(), _record(candidate))
         try:
             self.db.execute("INSERT INTO candidates VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row)
         except sqlite3.IntegrityError:
@@ -86,7 +100,8 @@ class Archive:
                    val_accuracy=candidate.val_accuracy, is_best=candidate.is_best)
 
     def event(self, kind: str, **data) -> None:
-        line = json.dumps({"time": time.time(), "event": kind, **data}, default=str)
+        line = json.dumps(redact.scrub_data({"time": time.time(), "event": kind, **data}),
+                          default=lambda value: redact.scrub(str(value)))
         with open(self.dir / "events.jsonl", "a") as f:
             f.write(line + "\n")
 

@@ -1,4 +1,4 @@
-"""The command line: each command parses, calls one library function, prints."""
+"""The command line: each command parses, calls one library function, prints (secrets scrubbed, see redact)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,27 @@ from pathlib import Path
 
 import click
 
+from edgenas import redact
 from edgenas.config import ConfigError, load_config
 
 PROFILE_STAGES = ("build", "forward", "profile")
 
 
-class UsageError(click.ClickException):
+class CommandError(click.ClickException):
+    """A failed command: one line on stderr, exit code 1. Messages can quote what a candidate or server said."""
+
+    def __init__(self, message: str):
+        super().__init__(redact.scrub(message))
+
+
+class UsageError(CommandError):
     """Bad usage, config or data: one line on stderr, exit code 2."""
 
     exit_code = 2
+
+
+def _echo(text: str, err: bool = False) -> None:
+    click.echo(redact.scrub(text), err=err)
 
 
 def _config(config_file, overrides):
@@ -46,7 +58,7 @@ def _run(config, code: str, stages=None):
 
 def _print_result(result, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(result.model_dump(mode="json")))
+        _echo(json.dumps(result.model_dump(mode="json")))
         return
     from edgenas.report import result_table
 
@@ -126,13 +138,13 @@ def search(config_file, overrides, run_dir, iterations, seed_program, no_cache, 
     except (ConfigError, SandboxError, ArchiveError) as e:
         raise UsageError(str(e)) from None
     except KeyboardInterrupt:
-        raise click.ClickException("interrupted; resume with: edgenas search --run-dir RUN_DIR") from None
+        raise CommandError("interrupted; resume with: edgenas search --run-dir RUN_DIR") from None
     if as_json:
-        click.echo(json.dumps(summary))
+        _echo(json.dumps(summary))
     else:
         best = summary["best_val_accuracy"]
         best_text = "-" if best is None else f"{best:.2%} (iteration {summary['best_iteration']})"
-        click.echo(f"{summary['reason']}: {summary['iterations']} iterations, {summary['valid_rate']:.0%} valid, "
+        _echo(f"{summary['reason']}: {summary['iterations']} iterations, {summary['valid_rate']:.0%} valid, "
                    f"best {best_text}; run: {summary['run_dir']}")
 
 
@@ -147,7 +159,7 @@ def show(run_dir, as_json):
     rows = candidate_rows(archive.all())
     archive.close()
     if as_json:
-        click.echo(json.dumps(rows))
+        _echo(json.dumps(rows))
     else:
         candidates_table(rows)
 
@@ -181,7 +193,7 @@ def pareto(run_dir, as_json, plot):
         selector.plot(points, plot)
     rows = selector.to_rows(points)
     if as_json:
-        click.echo(json.dumps(rows))
+        _echo(json.dumps(rows))
     else:
         from edgenas.report import pareto_table
 
@@ -209,18 +221,18 @@ def finalize(run_dir, top, ids, epochs, seeds, overrides, as_json):
         raise UsageError("--candidates and --seeds take comma-separated integers") from None
 
     def progress(iteration, p):
-        click.echo(f"candidate {iteration} seed {p['seed']}: epoch {p['epoch']}/{p['epochs']} loss {p['loss']:.4f}", err=True)
+        _echo(f"candidate {iteration} seed {p['seed']}: epoch {p['epoch']}/{p['epochs']} loss {p['loss']:.4f}", err=True)
 
     try:
         cards = run_finalize(run_dir, top, id_list, epochs, seed_list, tuple(overrides), on_progress=progress)
     except (ConfigError, FinalizeError) as e:
-        raise click.ClickException(str(e)) from None
+        raise CommandError(str(e)) from None
     if as_json:
-        click.echo(json.dumps(cards))
+        _echo(json.dumps(cards))
         return
     for card in cards:
         acc = card["test_accuracy"]
-        click.echo(f"candidate {card['candidate']}: test {acc['mean']:.2%} (int8 {acc['onnx_int8']:.2%}), "
+        _echo(f"candidate {card['candidate']}: test {acc['mean']:.2%} (int8 {acc['onnx_int8']:.2%}), "
                    f"{card['params']:,} params, fp32 {card['file_bytes']['fp32']:,} B, int8 {card['file_bytes']['int8']:,} B "
                    f"-> {run_dir}/final/{card['candidate']:05d}/")
 
@@ -241,9 +253,9 @@ def bench(model, threads, runs, warmup, batch, as_json):
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for unreadable models
         raise UsageError(f"cannot benchmark {model}: {str(e).splitlines()[0]}") from None
     if as_json:
-        click.echo(json.dumps(result))
+        _echo(json.dumps(result))
     else:
-        click.echo(f"{model}: p50 {result['p50_ms']:.3f} ms, p90 {result['p90_ms']:.3f} ms, mean {result['mean_ms']:.3f} ms, "
+        _echo(f"{model}: p50 {result['p50_ms']:.3f} ms, p90 {result['p90_ms']:.3f} ms, mean {result['mean_ms']:.3f} ms, "
                    f"{result['throughput_per_s']:.0f} images/s (batch {batch}, {result['threads']} threads)")
 
 

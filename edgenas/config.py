@@ -78,9 +78,11 @@ class EvalConfig(Section):
     threads: int | None = Field(None, ge=1)  # torch intra-op threads in the candidate; None: all cores
     memory_limit_mb: int = Field(8192, ge=256)  # hard cap of the candidate process (CPU RAM or GPU memory)
     output_limit_bytes: int = Field(1 << 20, ge=1024)
+    disk_limit_mb: int = Field(256, ge=1)  # the candidate's writable space (a tmpfs: counts against RAM)
+    max_files: int = Field(2048, ge=16)  # files and folders it may create there
     latency_runs: int = Field(30, ge=1)
     latency_threads: int = Field(1, ge=1)  # one thread: closer to an edge core, and robust to a busy machine
-    network_isolation: bool = True
+    allow_unconfined: bool = False  # UNSAFE: run generated code even where the OS gives no namespaces
 
 
 class LLMConfig(Section):

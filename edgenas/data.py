@@ -41,21 +41,20 @@ class Split:
 
 @dataclass
 class Data:
+    """The splits a process asked for; the others are None (the jail holds training images only)."""
+
     name: str
     classes: list[str]
-    train: Split
-    val: Split
+    train: Split | None
+    val: Split | None
     test: Split | None
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    in_shape: tuple[int, int, int]
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-    @property
-    def in_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.images.shape[1:])
 
 
 def cache_root(cfg: DatasetConfig) -> Path:
@@ -224,8 +223,10 @@ def _to_raw(train: Split, test: Split | None, classes: list[str]) -> dict:
     }
 
 
-def load_data(cfg: DatasetConfig, with_test: bool = False) -> Data:
-    """Train minus a seeded held-out validation split (the proxy is scored on it), optionally the test split."""
+def load_data(cfg: DatasetConfig, parts: tuple[str, ...] = ("train", "val")) -> Data:
+    """The requested splits: "train" (minus the held-out validation split, then `train_subset`), "val" (seeded,
+    held out from train; the proxy is scored on it) and "test". Each is a copy: nothing else of the cache stays
+    referenced, so a process forked later holds exactly these."""
     raw = _load_raw(cfg)
     images, labels = raw["train_images"], raw["train_labels"]
     if cfg.val_size >= len(labels):
@@ -234,16 +235,15 @@ def load_data(cfg: DatasetConfig, with_test: bool = False) -> Data:
     val_idx, train_idx = order[: cfg.val_size], order[cfg.val_size :]
     if cfg.train_subset:
         train_idx = train_idx[: cfg.train_subset]
-    test = None
-    if with_test:
-        if raw["test_images"] is None:
-            raise DataError(f"{cfg.name}: this dataset has no test split")
-        test = Split(raw["test_images"], raw["test_labels"])
-    return Data(
-        name=cfg.name, classes=list(raw["classes"]),
-        train=Split(images[train_idx], labels[train_idx]), val=Split(images[val_idx], labels[val_idx]), test=test,
-        mean=tuple(raw["mean"]), std=tuple(raw["std"]),
-    )
+    if "test" in parts and raw["test_images"] is None:
+        raise DataError(f"{cfg.name}: this dataset has no test split")
+    pick = {"train": train_idx, "val": val_idx}
+    splits = {part: Split(images[pick[part]], labels[pick[part]]) for part in ("train", "val") if part in parts}
+    if "test" in parts:
+        splits["test"] = Split(raw["test_images"].clone(), raw["test_labels"].clone())
+    return Data(name=cfg.name, classes=list(raw["classes"]), train=splits.get("train"), val=splits.get("val"),
+                test=splits.get("test"), mean=tuple(raw["mean"]), std=tuple(raw["std"]),
+                in_shape=tuple(images.shape[1:]))
 
 
 # ---------------------------------------------------------------- batches

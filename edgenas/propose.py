@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
 
+from edgenas import redact
 from edgenas.extract import extract_code, extract_json
 from edgenas.llm.base import ChatModel, LLMError, Reply, Sampling
 from edgenas.prompts import Task, generator_messages, improver_messages
@@ -49,8 +51,12 @@ class LLMProposer:
         self.task, self.use_improver, self.use_reference, self.seed = task, use_improver, use_reference, seed
 
     def _call(self, role: str, messages: list[dict], seed: int, proposal: Proposal) -> Reply:
+        """One LLM call. Secrets are scrubbed from the prompt, and from the reply before anything reads it, so
+        a key the endpoint echoes (it sees the Authorization header) reaches neither the code nor the next prompt."""
         model, sampling = (self.improver, self.improver_sampling) if role == "improver" else (self.generator, self.generator_sampling)
+        messages = redact.scrub_data(messages)
         reply = model.chat(messages, Sampling(sampling.temperature, sampling.top_p, sampling.max_tokens, seed))
+        reply = dataclasses.replace(reply, text=redact.scrub(reply.text))
         proposal.calls.append({"role": role, "tokens_in": reply.tokens_in, "tokens_out": reply.tokens_out,
                                "seconds": round(reply.seconds, 3), "cached": reply.cached, "truncated": reply.truncated})
         proposal.prompts.append(messages)
@@ -81,7 +87,7 @@ class LLMProposer:
             reply = self._call("generator", messages, seed + 2, proposal)
             proposal.code = extract_code(reply.text)
         except LLMError as e:
-            proposal.error = str(e)
+            proposal.error = redact.scrub(str(e))
         return proposal
 
 

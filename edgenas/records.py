@@ -23,6 +23,7 @@ class FailureKind(str, Enum):
     contract = "contract"
     forbidden = "forbidden"
     build = "build"
+    export = "export"  # the model does not export to ONNX, or its graph is refused (control flow, custom ops)
     forward = "forward"
     shape = "shape"
     budget = "budget"
@@ -43,24 +44,28 @@ class Failure(Record):
 
 
 class EvalResult(Record):
-    """Everything the evaluator measured about one candidate."""
+    """Everything the evaluator measured about one candidate.
+
+    params, MACs, memory, accuracy, loss and latency come from the trusted side (the candidate's exported graph,
+    measured on validation images the candidate never had); the train_* fields are the jailed job's own account.
+    """
 
     status: Status
     failure: Failure | None = None
     stage: str | None = None  # the stage that failed, or the last one reached
-    params: int | None = None
-    macs: int | None = None
-    macs_unsupported_ops: dict[str, int] = {}
-    macs_flop_counter: int | None = None  # cross-check: torch.utils.flop_counter FLOPs / 2
+    params: int | None = None  # weights of the exported graph (BatchNorm folded into its convolution)
+    macs: int | None = None  # per image, counted on the graph
+    macs_uncounted_ops: dict[str, int] = {}  # graph ops with compute the count leaves out
     weight_bytes: int | None = None
-    peak_memory_bytes: int | None = None
+    peak_memory_bytes: int | None = None  # one training step, estimated from the graph: weights x3 + activations
     val_accuracy: float | None = Field(default=None, ge=0.0, le=1.0)
     val_loss: float | None = None
     train_loss_first: float | None = None
     train_loss_last: float | None = None
     train_seconds: float | None = None
     train_images: int | None = None
-    latency_ms: float | None = None
+    latency_ms: float | None = None  # onnxruntime, batch 1, eval.latency_threads threads, median
+    artifact_sha256: str | None = None  # the trained graph that was measured
     device: str = "cpu"
     dataset: str = ""
     constructor: str | None = None  # which Net(...) form the evaluator used

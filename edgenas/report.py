@@ -1,10 +1,16 @@
-"""Human-readable tables for the terminal (the --json forms are for programs)."""
+"""Human-readable tables for the terminal (the --json forms are for programs).
+
+Text that came from a candidate or an LLM is scrubbed of secrets and printed as plain Text, never as rich markup:
+a '[redacted $KEY]' marker or an 'x[i]' in a diagnostic would otherwise be read as a style tag.
+"""
 
 from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from edgenas import redact
 from edgenas.records import EvalResult
 
 
@@ -34,10 +40,10 @@ def result_table(result: EvalResult, console: Console | None = None) -> None:
         ("device / dataset", f"{result.device} / {result.dataset}"),
         ("stages (s)", "  ".join(f"{k} {v:.2f}" for k, v in result.stage_seconds.items())),
     ]
-    if result.macs_unsupported_ops:
-        rows.append(("ops not in MACs", ", ".join(sorted(result.macs_unsupported_ops))))
+    if result.macs_uncounted_ops:
+        rows.append(("ops not in MACs", ", ".join(sorted(result.macs_uncounted_ops))))
     if result.failure:
-        rows.append(("diagnostic", result.failure.message))
+        rows.append(("diagnostic", Text(redact.scrub(result.failure.message))))
     for key, value in rows:
         table.add_row(f"[bold]{key}[/]", value)
     console.print(table)
@@ -57,7 +63,7 @@ def candidate_rows(candidates) -> list[dict]:
             "tokens_in": c.tokens_in, "tokens_out": c.tokens_out, "llm_seconds": round(c.llm_seconds, 3),
             "eval_seconds": round(c.eval_seconds, 3), "code_hash": c.code_hash,
         })
-    return rows
+    return redact.scrub_data(rows)
 
 
 def candidates_table(rows: list[dict], console: Console | None = None) -> None:
@@ -67,7 +73,7 @@ def candidates_table(rows: list[dict], console: Console | None = None) -> None:
         status = row["status"] if row["status"] == "ok" else f"[red]{row['status']}:{row['failure_kind']}[/]"
         acc = "-" if row["val_accuracy"] is None else f"{row['val_accuracy']:.2%}" + (" *" if row["is_best"] else "")
         table.add_row(str(row["iteration"]), status, acc, _si(row["params"]), _si(row["macs"]),
-                      _si(row["peak_memory_bytes"], "B"), row["modification"][:70])
+                      _si(row["peak_memory_bytes"], "B"), Text(redact.scrub(row["modification"])[:70]))
     console.print(table)
 
 

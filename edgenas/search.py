@@ -6,7 +6,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from edgenas import loop
+from edgenas import loop, redact
 from edgenas.archive import Archive
 from edgenas.config import Config, ConfigError, dump_config, load_config
 from edgenas.llm.base import Sampling
@@ -62,8 +62,9 @@ def cache_path(config: Config) -> str | None:
 def run_search(config: Config, run_dir: Path, resuming: bool, seed_program: str | None = None, console=None) -> dict:
     from edgenas.evaluate import Evaluator
 
+    redact.register([config.llm.generator.api_key_env, config.llm.improver.api_key_env])
     archive = Archive(run_dir)
-    (run_dir / "config.yaml").write_text(dump_config(config))
+    (run_dir / "config.yaml").write_text(redact.scrub(dump_config(config)))
     archive.event("resume" if resuming else "start", iteration=archive.next_iteration())
     display = Display(console, config.search.iterations, archive)
     try:
@@ -102,7 +103,8 @@ class Display:
         last = candidate.outcome.render() if candidate.status == "ok" else f"{candidate.status}: {candidate.outcome.kind}"
         mark = " *new best*" if candidate.is_best else ""
         elapsed = time.monotonic() - self.started
-        self.console.print(f"[{elapsed:7.1f}s] it {candidate.iteration:4d}  {last[:110]}{mark}", highlight=False)
+        last = redact.scrub(last)[:110]  # scrub first: a clipped secret is still a secret
+        self.console.print(f"[{elapsed:7.1f}s] it {candidate.iteration:4d}  {last}{mark}", highlight=False, markup=False)
         self.progress.update(self.task, completed=candidate.iteration + 1, description=self._describe(archive))
 
     def __enter__(self):

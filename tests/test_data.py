@@ -41,11 +41,11 @@ def test_batches_normalise_and_cover_the_split():
 
 def test_folder_dataset_reads_real_images_and_caches_outside_the_data(small_folder, tmp_path):
     cfg = DatasetConfig(name="folder", root=str(small_folder), val_size=50, cache_dir=str(tmp_path))
-    data = load_data(cfg, with_test=True)
+    data = load_data(cfg, ("train", "val", "test"))
     assert data.classes[0] == "airplane" and data.num_classes == 10
     assert len(data.train) == 250 and len(data.test) == 100 and data.in_shape == (3, 32, 32)
     assert list((tmp_path / "datasets").glob("folder-*.pt")) and not list(small_folder.rglob("*.pt"))
-    again = load_data(cfg, with_test=True)
+    again = load_data(cfg, ("train", "val", "test"))
     assert torch.equal(again.train.images, data.train.images)
 
 
@@ -56,7 +56,7 @@ def test_folder_resizes_to_image_size(small_folder, tmp_path):
 
 def test_cifar100_loader_reads_torchvision_format(tmp_path):
     root = write_cifar100(tmp_path / "c100")
-    data = load_data(DatasetConfig(name="cifar100", root=str(root), val_size=50, cache_dir=str(tmp_path / "cache")), with_test=True)
+    data = load_data(DatasetConfig(name="cifar100", root=str(root), val_size=50, cache_dir=str(tmp_path / "cache")), ("train", "val", "test"))
     assert data.num_classes == 100 and len(data.train) == 250 and len(data.test) == 100
 
 
@@ -80,6 +80,6 @@ def test_imagenette_reads_train_and_val_at_160(shared_cifar, tmp_path):
             for image in sorted((source / split / cls).iterdir())[:3]:
                 shutil.copy(image, tmp_path / "inette" / split / cls / image.name)
     cfg = DatasetConfig(name="imagenette", root=str(tmp_path / "inette"), val_size=10, cache_dir=str(tmp_path / "cache"))
-    data = load_data(cfg, with_test=True)
+    data = load_data(cfg, ("train", "val", "test"))
     assert data.in_shape == (3, 160, 160) and data.num_classes == 10 and len(data.test) == 30
     assert data.classes[0].startswith("n0")

@@ -62,7 +62,7 @@ def build(seed: int) -> torch.nn.Module:
 def data(shared_cifar):
     # the cache goes to $EDGENAS_CACHE, which conftest points at a temporary directory for the session
     return load_data(DatasetConfig(name="folder", root=str(shared_cifar), train_subset=STEPS * BATCH // 3,
-                                   val_size=500), with_test=True)
+                                   val_size=500), ("train", "val", "test"))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,221 @@
+"""The trusted worker: holds the validation split, runs each candidate in the jail, measures what comes back.
+
+    host (no torch) --frames--> this process (our code only; validation images and labels)
+                                  └─ jail zygote (training images only) ─> one jailed job per candidate
+
+The job hands back ONNX graphs; every number in the record (params, MACs, memory, validation accuracy and loss,
+latency) is computed here by edgenas/referee.py, on data the job never had. What the job says about itself is
+validated (edgenas/sandbox/messages.py) and used only for diagnostics. The budgets are checked on the untrained
+graph while the job goes on training, and the job is stopped as soon as one is exceeded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+
+from edgenas import referee
+from edgenas.config import BudgetConfig, Config
+from edgenas.records import FailureKind
+from edgenas.sandbox import messages, wire
+from edgenas.sandbox.zygote import JailClient, Limits
+
+SCORE_MEMORY_BYTES = 512 << 20  # activations of one scoring batch
+
+
+def limits_of(config: Config, device: str = "cpu") -> Limits:
+    ev = config.eval
+    return Limits(timeout_s=ev.timeout_s, memory_limit_mb=ev.memory_limit_mb if device == "cpu" else None,
+                  output_limit_bytes=ev.output_limit_bytes, disk_limit_mb=ev.disk_limit_mb, max_files=ev.max_files,
+                  allow_unconfined=ev.allow_unconfined)
+
+
+def budget_problem(stats: referee.GraphStats, budget: BudgetConfig, batch_size: int) -> str | None:
+    memory = stats.training_memory_bytes(batch_size)
+    if budget.max_params and stats.params > budget.max_params:
+        return f"{stats.params:,} parameters exceed the budget of {budget.max_params:,}"
+    if budget.max_macs and stats.macs > budget.max_macs:
+        return f"{stats.macs:,} MACs exceed the budget of {budget.max_macs:,}"
+    if budget.max_memory_mb and memory > budget.max_memory_mb * 2**20:
+        return (f"one training step at batch {batch_size} needs about {memory / 2**20:.0f} MiB (weights, gradients, "
+                f"momentum and activations), over the budget of {budget.max_memory_mb:.0f} MiB")
+    return None
+
+
+def exit_failure(report: dict, stage: str | None, timeout_s: float) -> tuple[FailureKind, str]:
+    """A job that ended without a result -> (kind, diagnostic), from what the zygote saw."""
+    during = f" during {stage}" if stage else ""
+    if report.get("zygote_lost"):
+        return FailureKind.crashed, "the evaluation worker died; the candidate was not measured"
+    if report.get("setup_error"):
+        return FailureKind.crashed, f"the sandbox could not be set up: {report['setup_error']}"
+    if report.get("timed_out"):
+        return FailureKind.timeout, f"the candidate exceeded the {timeout_s:.0f} s time limit{during}; make it smaller or remove loops that never end"
+    if report.get("output_flood"):
+        return FailureKind.runtime, "the model printed more output than allowed; remove print() calls from forward"
+    if report.get("protocol_error"):
+        return FailureKind.crashed, f"the candidate process broke the result channel ({report['protocol_error']})"
+    sig = report.get("signal")
+    if sig == signal.SIGKILL:
+        return FailureKind.oom, f"the candidate process was killed{during}, most likely for using too much memory"
+    if sig:
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        return FailureKind.crashed, f"the candidate process died with {name}{during}"
+    return FailureKind.crashed, (f"the candidate process ended without a result{during} (exit code "
+                                 f"{report.get('exit_code')}); a model module must not exit the process")
+
+
+class TrustedWorker:
+    """Evaluates candidates for one config: the jail trains, this process measures."""
+
+    def __init__(self, init: dict):
+        from edgenas.data import load_data
+
+        self.config = Config.model_validate(init["config"])
+        val = load_data(self.config.dataset, parts=("val",)).val
+        self.val_images, self.val_labels = val.images.numpy(), val.labels.numpy()
+        self.jail = JailClient("edgenas.sandbox.inside:ProxyJob", {"config": init["config"]}, limits_of(self.config))
+        self.info = self.jail.start()
+        if self.info["device"] != "cpu":  # the memory cap of a CUDA job is its memory fraction, set inside
+            self.jail.limits = limits_of(self.config, self.info["device"])
+        self.mean, self.std = self.info["mean"], self.info["std"]
+        self.probe = referee.normalize(self.val_images[:1], self.mean, self.std)  # the shape probe: a real image
+        self.cores = len(os.sched_getaffinity(0))
+
+    def describe(self) -> dict:
+        return {**self.info, "val_images": len(self.val_labels)}
+
+    def evaluate(self, code: str, stages: list[str] | None = None, send_progress=None) -> tuple[dict, bytes]:
+        """One candidate -> (record fields, trained ONNX graph or b"")."""
+        out = {"device": self.info["device"], "dataset": self.info["dataset"], "stage_seconds": {}}
+        state = {"stage": None, "since": time.perf_counter(), "failure": None, "result": None, "graph": b""}
+        budget, batch = self.config.budget, self.config.train.batch_size
+
+        def tick(stage: str | None) -> None:
+            now = time.perf_counter()
+            if state["stage"]:
+                out["stage_seconds"][state["stage"]] = round(now - state["since"], 4)
+            state["stage"], state["since"] = stage, now
+
+        def on_message(header: dict, payload: bytes):
+            if header.get("kind") == "isolation":
+                out["isolation"] = header["layers"]
+                return None
+            try:
+                message = messages.parse(header)
+            except ValueError as e:
+                state["failure"], state["failed_stage"] = (FailureKind.crashed, str(e)), state["stage"]
+                return "cancel"
+            if isinstance(message, messages.Stage):
+                tick(message.stage)
+            elif isinstance(message, messages.Graph) and not message.trained:
+                problem = self._measure(payload, out)
+                if problem:
+                    state["failure"], state["failed_stage"] = problem, "profile"
+                    return "cancel"
+            elif isinstance(message, messages.Graph):
+                state["graph"] = payload
+            elif isinstance(message, messages.Result | messages.Error):
+                state["result"] = message
+            return None
+
+        report = self.jail.run({"code": code, "stages": stages}, on_message)
+        stage = state["stage"]
+        tick(None)
+        out["output_tail"] = report.get("output_tail", "")[-1000:]
+        result = state["result"]
+        if state["failure"]:
+            return self._failed(out, *state["failure"], stage=state["failed_stage"]), b""
+        if isinstance(result, messages.Result) and result.status == "failed":
+            return self._failed(out, result.failure.kind, result.failure.message, stage=result.stage), b""
+        if not isinstance(result, messages.Result):
+            error = result.message.strip().splitlines()[-1] if isinstance(result, messages.Error) else None
+            kind, message = exit_failure(report, stage, self.config.eval.timeout_s)
+            if error and kind is FailureKind.crashed and not report.get("setup_error"):
+                message = f"the candidate process ended without a result during {stage}: {error}"
+            return self._failed(out, kind, message, stage=stage), b""
+        out.update(constructor=result.constructor, train_loss_first=result.train_loss_first,
+                   train_loss_last=result.train_loss_last, train_seconds=result.train_seconds,
+                   train_images=result.train_images)
+        if "params" not in out:
+            return self._failed(out, FailureKind.crashed, "the candidate reported success without a graph", stage=stage), b""
+        if stages and "train" not in stages:  # a profile-only run: measured on the untrained graph
+            return {**out, "status": "ok", "stage": result.stage}, b""
+        if not state["graph"]:
+            return self._failed(out, FailureKind.crashed, "the candidate reported success without a trained graph", stage="train"), b""
+        problem = self._measure(state["graph"], out) or self._score(state["graph"], out)
+        if problem:
+            return self._failed(out, *problem, stage="validate"), b""
+        out["artifact_sha256"] = hashlib.sha256(state["graph"]).hexdigest()
+        return {**out, "status": "ok", "stage": "latency"}, state["graph"]
+
+    def _measure(self, graph: bytes, out: dict) -> tuple[FailureKind, str] | None:
+        """Params, MACs and the training-memory estimate from a graph, then the budgets."""
+        try:
+            model = referee.load(graph, tuple(self.info["in_shape"]), self.info["num_classes"])
+            stats = referee.inspect(model, self.probe)
+        except referee.GraphError as e:
+            return FailureKind.export, str(e)
+        out.update(params=stats.params, weight_bytes=stats.weight_bytes, macs=stats.macs,
+                   macs_uncounted_ops=dict(stats.macs_uncounted_ops),
+                   peak_memory_bytes=stats.training_memory_bytes(self.config.train.batch_size))
+        self._stats = stats
+        problem = budget_problem(stats, self.config.budget, self.config.train.batch_size)
+        return (FailureKind.budget, problem) if problem else None
+
+    def _score(self, graph: bytes, out: dict) -> tuple[FailureKind, str] | None:
+        """Validation accuracy and loss with every core, then batch-1 latency on `eval.latency_threads`."""
+        ev = self.config.eval
+        try:
+            start = time.perf_counter()
+            session = referee.session(graph, self.cores)
+            batch = referee.score_batch(self._stats, SCORE_MEMORY_BYTES)
+            out["val_accuracy"], out["val_loss"] = referee.score(session, self.val_images, self.val_labels,
+                                                                 self.mean, self.std, batch)
+            out["stage_seconds"]["validate"] = round(time.perf_counter() - start, 4)
+            start = time.perf_counter()
+            out["latency_ms"] = round(referee.latency_ms(referee.session(graph, ev.latency_threads), self.probe,
+                                                         runs=ev.latency_runs, warmup=5), 4)
+            out["stage_seconds"]["latency"] = round(time.perf_counter() - start, 4)
+        except referee.GraphError as e:
+            return FailureKind.nan if "NaN" in str(e) else FailureKind.export, str(e)
+        return None
+
+    @staticmethod
+    def _failed(out: dict, kind: FailureKind, message: str, stage: str | None) -> dict:
+        return {**out, "status": "failed", "stage": stage, "failure": {"kind": kind.value, "message": message[:4000]}}
+
+    def close(self) -> None:
+        self.jail.close()
+
+
+def main() -> None:
+    worker: TrustedWorker | None = None
+
+    def handle(frame: wire.Frame, channel: wire.Channel) -> None:
+        nonlocal worker
+        if frame.kind == "init":
+            try:
+                worker = TrustedWorker(frame.header["init"])
+            except Exception as e:  # noqa: BLE001 - one line for the host
+                channel.send({"kind": "error", "message": str(e).splitlines()[0] if str(e) else type(e).__name__})
+                return
+            channel.send({"kind": "ready", "info": worker.describe()})
+        elif frame.kind == "evaluate" and worker is not None:
+            record, graph = worker.evaluate(frame.header["code"], frame.header.get("stages"))
+            channel.send({"kind": "record", "record": record}, graph)
+
+    from edgenas.sandbox import jail
+
+    jail.die_with_parent()
+    try:
+        wire.serve(handle)
+    finally:
+        if worker is not None:
+            worker.close()
+
+
+if __name__ == "__main__":
+    main()
