@@ -47,7 +47,7 @@ def _read_program(path: str) -> str:
 
 def _run(config, code: str, stages=None):
     from edgenas.evaluate import Evaluator
-    from edgenas.sandbox import SandboxError
+    from edgenas.sandbox.zygote import SandboxError
 
     try:
         with Evaluator(config) as evaluator:
@@ -128,7 +128,7 @@ def profile(file, in_shape, num_classes, batch_size, device, as_json):
 def search(config_file, overrides, run_dir, iterations, seed_program, no_cache, as_json):
     """Run (or resume) the closed-loop LLM architecture search."""
     from edgenas.archive import ArchiveError
-    from edgenas.sandbox import SandboxError
+    from edgenas.sandbox.zygote import SandboxError
     from edgenas.search import resolve, run_search
 
     extra = [*([f"search.iterations={iterations}"] if iterations is not None else []), *(["llm.cache=false"] if no_cache else [])]

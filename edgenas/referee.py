@@ -23,16 +23,21 @@ from google.protobuf.message import DecodeError, Message
 from exporters.bench import available_cores
 
 SCORE_CAP_BYTES = 512 * 2**20
+PROBE_CAP_BYTES = 4 * 2**30
 
-# Ops whose output shapes depend on the values flowing in (memory a probe image cannot foresee), whose values
-# are not tensors (sequences, optionals, strings), or that draw random numbers (scores would not reproduce).
-DENIED_OPS = frozenset({
-    "NonZero", "Unique", "Compress", "NonMaxSuppression",
-    "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceErase", "SequenceInsert", "SequenceLength",
-    "SequenceMap", "SplitToSequence", "ConcatFromSequence", "Optional", "OptionalGetElement", "OptionalHasElement",
-    "StringNormalizer", "StringConcat", "StringSplit", "RegexFullMatch", "TfIdfVectorizer",
-    "RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli",
-})
+# Refused ops, with the reason the message gives.
+DENIED_OPS = {
+    # output shapes that depend on the values flowing in: memory a probe image cannot foresee
+    **dict.fromkeys(("NonZero", "Unique", "Compress", "NonMaxSuppression"), "its output shape depends on data values"),
+    # values that are not tensors: nothing to measure
+    **dict.fromkeys(("SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceErase", "SequenceInsert",
+                     "SequenceLength", "SequenceMap", "SplitToSequence", "ConcatFromSequence", "Optional",
+                     "OptionalGetElement", "OptionalHasElement", "StringNormalizer", "StringConcat", "StringSplit",
+                     "RegexFullMatch", "TfIdfVectorizer"), "it works on sequences, optionals or strings"),
+    # random numbers: scores would not reproduce
+    **dict.fromkeys(("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+                     "Bernoulli"), "it is random"),
+}
 
 REDUCE_OPS = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
               "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
@@ -71,6 +76,15 @@ FLOAT_OUTPUTS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPr
 
 class GraphError(ValueError):
     """A graph the referee refuses; the message is one line an LLM can act on."""
+
+
+def _clean(text: str) -> str:
+    """A name from the graph, fit for a one-line message: the graph's author chose it."""
+    return " ".join(text.split())[:80]
+
+
+def _node(node: onnx.NodeProto) -> str:
+    return f"'{_clean(node.op_type)}' node '{_clean(node.name)}'"
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:
@@ -114,7 +128,7 @@ def _inlined_size(model: onnx.ModelProto) -> int:
 
 def _describe(value: onnx.ValueInfoProto) -> str:
     t = value.type.tensor_type
-    dims = [d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in t.shape.dim]
+    dims = [_clean(d.dim_param) or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in t.shape.dim]
     dtype = onnx.TensorProto.DataType.Name(t.elem_type) if t.elem_type else "no tensor type"
     return f"{dtype.lower()} ({', '.join(dims)})" if t.HasField("shape") else f"{dtype.lower()} of unknown shape"
 
@@ -140,14 +154,14 @@ def load(data: bytes, in_shape: tuple[int, int, int], num_classes: int, max_node
     for message in _messages(model):
         if isinstance(message, onnx.TensorProto) and (message.data_location == onnx.TensorProto.EXTERNAL
                                                       or len(message.external_data)):
-            raise GraphError(f"tensor '{message.name[:80]}' keeps its data in an external file; "
+            raise GraphError(f"tensor '{_clean(message.name)}' keeps its data in an external file; "
                              "export with every weight inside the model")
         if isinstance(message, onnx.SparseTensorProto):
             raise GraphError("the graph holds a sparse tensor; export dense weights")
         if isinstance(message, onnx.NodeProto) and any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                                                        or a.HasField("g") or len(a.graphs) for a in message.attribute):
-            raise GraphError(f"'{message.op_type}' node '{message.name[:80]}' has a subgraph (control flow hides "
-                             "compute from the count); write forward without data-dependent branches or loops")
+            raise GraphError(f"{_node(message)} has a subgraph (control flow hides compute from the "
+                             "count); write forward without data-dependent branches or loops")
     model.ClearField("training_info")  # onnxruntime ignores it and so do we
     inlined = _inlined_size(model)
     if inlined > max_nodes:
@@ -160,11 +174,10 @@ def load(data: bytes, in_shape: tuple[int, int, int], num_classes: int, max_node
         del model.functions[:]
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx"):
-            raise GraphError(f"'{node.op_type}' node '{node.name[:80]}' is from operator domain '{node.domain[:80]}'; "
-                             "only standard ONNX operators are allowed")
+            raise GraphError(f"{_node(node)} is from operator domain '{_clean(node.domain)}'; only standard "
+                             "ONNX operators are allowed")
         if node.op_type in DENIED_OPS:
-            raise GraphError(f"'{node.op_type}' node '{node.name[:80]}' is not allowed: its output shape depends on "
-                             "data values, it is not a tensor op, or it is random")
+            raise GraphError(f"{_node(node)} is not allowed: {DENIED_OPS[node.op_type]}")
     _check_io(model.graph, in_shape, num_classes)
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -190,14 +203,14 @@ def _check_io(graph: onnx.GraphProto, in_shape: tuple[int, int, int], num_classe
     dims = image.shape.dim
     if (image.elem_type != onnx.TensorProto.FLOAT or len(dims) != 4 or _fixed(dims[0])
             or any(not _fixed(d) or d.dim_value != n for d, n in zip(dims[1:], in_shape, strict=True))):
-        raise GraphError(f"input '{inputs[0].name[:80]}' must be {want}; it is {_describe(inputs[0])}")
+        raise GraphError(f"input '{_clean(inputs[0].name)}' must be {want}; it is {_describe(inputs[0])}")
     if len(graph.output) != 1:
         raise GraphError(f"the graph must have exactly one output (the logits); it has {len(graph.output)}")
     logits = graph.output[0].type.tensor_type
     dims = logits.shape.dim
     if (logits.elem_type not in FLOAT_OUTPUTS or len(dims) != 2 or _fixed(dims[0])
             or not _fixed(dims[1]) or dims[1].dim_value != num_classes):
-        raise GraphError(f"output '{graph.output[0].name[:80]}' must be float (batch, {num_classes}) with a dynamic "
+        raise GraphError(f"output '{_clean(graph.output[0].name)}' must be float (batch, {num_classes}) with a dynamic "
                          f"batch axis; it is {_describe(graph.output[0])}")
 
 
@@ -208,7 +221,7 @@ def _check_shapes_from_constants(graph: onnx.GraphProto) -> None:
     for node in graph.node:  # the checker has made sure the nodes are in topological order
         for slot in SHAPE_SLOTS.get(node.op_type, ()):
             if slot < len(node.input) and node.input[slot] in from_values:
-                raise GraphError(f"'{node.op_type}' node '{node.name[:80]}' takes input {slot} (a shape) from the "
+                raise GraphError(f"{_node(node)} takes input {slot} (a shape) from the "
                                  "image values; shapes may depend only on constants and tensor shapes")
         if node.op_type not in ("Shape", "Size") and any(name in from_values for name in node.input):
             from_values.update(node.output)
@@ -278,6 +291,34 @@ def _node_macs(node: onnx.NodeProto, shape) -> int | None:
     return None
 
 
+def _static_bytes(model: onnx.ModelProto, batch: int = 1) -> int:
+    """Bytes of every node output whose shape ONNX shape inference (with data propagation) can tell for `batch`
+    images, before anything runs: a graph that allocates 40 GB from a constant shape is caught here. Weights
+    travel as typed inputs, not data: inference needs only the small shape vectors."""
+    graph = model.graph
+    small = [t for t in graph.initializer if math.prod(t.dims) <= SHAPE_VECTOR_MAX]
+    large = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer
+             if math.prod(t.dims) > SHAPE_VECTOR_MAX]
+    image = onnx.ValueInfoProto()
+    image.CopyFrom(_image(graph))
+    image.type.tensor_type.shape.dim[0].dim_value = batch
+    skeleton = onnx.helper.make_model(
+        onnx.helper.make_graph(graph.node, graph.name, [image, *large], graph.output, initializer=small),
+        opset_imports=model.opset_import, ir_version=model.ir_version)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is only a pre-check; the probe run reports real errors
+        return 0
+    total = 0
+    for value in (*inferred.graph.value_info, *inferred.graph.output):
+        tensor = value.type.tensor_type
+        if tensor.elem_type and all(d.HasField("dim_value") for d in tensor.shape.dim):
+            size = 1 if tensor.elem_type == onnx.TensorProto.STRING else \
+                onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
+            total += size * math.prod(d.dim_value for d in tensor.shape.dim)
+    return total
+
+
 def _probe(model: onnx.ModelProto, probe: np.ndarray) -> dict[str, np.ndarray]:
     """Every node output's value on one image: a copy of the graph with each of them made a graph output
     (onnxruntime accepts outputs without type information, so no shape inference is needed)."""
@@ -294,19 +335,24 @@ def _probe(model: onnx.ModelProto, probe: np.ndarray) -> dict[str, np.ndarray]:
     return {o.name: v for o, v in zip(sess.get_outputs(), values, strict=True)}
 
 
-def inspect(model: onnx.ModelProto, probe: np.ndarray) -> GraphStats:
+def inspect(model: onnx.ModelProto, probe: np.ndarray, max_bytes: int = PROBE_CAP_BYTES) -> GraphStats:
     """Params, weight bytes, MACs and activation bytes of a graph from `load`, from one run on `probe` (one real
     normalised image, float32 (1, C, H, W)), which gives every intermediate shape exactly.
 
     Parameters are the elements of constant tensors (initializers, Constant nodes, tensor attributes) that
     feed at least one data slot, whatever their type: an int8 weight behind a Cast counts, a Reshape's shape
     vector does not. BatchNorm folded into a Conv by the exporter counts as the Conv's weight and bias.
+    Before the run, tensors whose size shape inference can tell must fit max_bytes together (GraphError).
     """
     graph = model.graph
     image = _image(graph)
     dims = [d.dim_value for d in image.type.tensor_type.shape.dim[1:]]
     if probe.dtype != np.float32 or probe.shape != (1, *dims):
         raise ValueError(f"the probe must be float32 (1, {', '.join(map(str, dims))}); got {probe.dtype} {probe.shape}")
+    needed = _static_bytes(model)
+    if needed > max_bytes:
+        raise GraphError(f"the graph's tensors take {needed / 2**30:.1f} GiB for one image, more than the limit of "
+                         f"{max_bytes / 2**30:.1f} GiB")
     values = _probe(model, probe)
     num_classes = graph.output[0].type.tensor_type.shape.dim[1].dim_value
     logits = values[graph.output[0].name]
@@ -381,7 +427,7 @@ def score(sess: ort.InferenceSession, images_uint8: np.ndarray, labels: np.ndarr
     The log-softmax is taken in float64. Logits of the wrong shape or NaN/inf logits are a GraphError.
     """
     if len(images_uint8) == 0 or len(images_uint8) != len(labels):
-        raise ValueError(f"need as many labels as images, at least one: {len(images_uint8)} images, {len(labels)} labels")
+        raise ValueError(f"need one label per image, at least one: {len(images_uint8)} images, {len(labels)} labels")
     name, output = sess.get_inputs()[0].name, sess.get_outputs()[0]
     num_classes = output.shape[1]
     labels = np.asarray(labels, np.int64)

@@ -105,12 +105,16 @@ def render_markdown(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_card(directory: str | Path, card: dict) -> tuple[Path, Path]:
-    """Write card.json and card.md into `directory` (created if missing); both say the same thing."""
+def write_card(directory: str | Path, card: dict, write=None) -> tuple[Path, Path]:
+    """Write card.json and card.md into `directory` (created if missing); both say the same thing.
+
+    `write(path, bytes)` does the writing (finalize's atomic publish); plain writes by default.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    write = write or (lambda path, data: path.write_bytes(data))
     text = json.dumps(card, indent=2, default=_plain)
     json_path, md_path = directory / "card.json", directory / "card.md"
-    json_path.write_text(text + "\n")
-    md_path.write_text(render_markdown(json.loads(text)))
+    write(json_path, (text + "\n").encode())
+    write(md_path, render_markdown(json.loads(text)).encode())
     return json_path, md_path

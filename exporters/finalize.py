@@ -1,125 +1,173 @@
-"""Full training of the chosen candidates, then export, parity, INT8, latency and a model card.
+"""Full training of the chosen candidates, then export, INT8, test accuracy, latency and a model card.
 
-Generated code still runs only in the sandbox: training, the test-set score and the ONNX export happen
-in a limited child that may write nothing but this candidate's `final/<iteration>/` folder. The host
-then works on ONNX files only (quantization, onnxruntime accuracy and latency, the card).
+Generated code runs only in the jail: a job trains one seed on the training and validation images (selection is
+over) and hands back, through its pipe, a checkpoint after every epoch, the trained weights and the ONNX graph.
+It never has the test split. This process (trusted) scores every seed's graph on the test images with
+onnxruntime, quantizes, measures latency and writes every file of final/<iteration>/ itself, from a private
+staging file moved into place; the jail writes nothing there.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import tempfile
 from pathlib import Path
 
+from edgenas import referee
 from edgenas.config import load_config
 from edgenas.records import FailureKind
-from edgenas.sandbox import Limits, Sandbox
-from edgenas.stages import Worker
+from edgenas.sandbox import messages
+from edgenas.sandbox.inside import ProxyJob, check_forward, classify, load_module_checked
+from edgenas.sandbox.zygote import JailClient, Limits
 
 FULL_TRAINING = ["train.schedule=cosine", "train.nesterov=true", "train.label_smoothing=0.1", "train.lr=0.05",
                  "train.amp=true"]  # the proxy's settings are for ranking; these are for a final model
+MAX_CHECKPOINT_BYTES = 1 << 30
 
 
 class FinalizeError(RuntimeError):
     pass
 
 
-class FinalizeWorker(Worker):
-    """Trains one candidate from scratch with checkpoints, scores it on the test split, exports it."""
+class FinalizeJob(ProxyJob):
+    """Jail side: trains one candidate from scratch (resuming from a checkpoint it is handed), exports it."""
 
-    with_test = True
+    parts = ("train", "val")
 
-    def prepare(self, job: dict) -> None:
+    def setup(self) -> None:
+        super().setup()
+        from edgenas.data import Split
+
         import torch
 
-        super().prepare(job)
-        self.train_split = _concat(self.train_split, self.val_split)  # selection is over: train on all of train
-        self.test_split = self.data.test.to(self.torch_device)
-        self.out_dir = Path(job["out_dir"])
-        checkpoint = self.out_dir / f"seed{job['seed']}.ckpt"
-        self.resume = torch.load(checkpoint, weights_only=True) if checkpoint.is_file() else None
+        val = self.data.val.to(self.torch_device)
+        self.train_split = Split(torch.cat([self.train_split.images, val.images]),
+                                 torch.cat([self.train_split.labels, val.labels]))
 
-    def run(self, job: dict, report, isolation: list[str]) -> dict:
+    def run(self, job: dict, payload: bytes, send) -> None:
+        self.job = job
+        self.setup()
+        stage = "build"
         try:
-            return {"status": "ok", **self._finalize(job, report)}
+            send({"kind": "stage", "stage": "build"})
+            self.model, constructor = self._construct()
+            stage = "train"
+            send({"kind": "stage", "stage": "train"})
+            model, info = self._train_full(payload, send)
+            stage = "export"
+            send({"kind": "stage", "stage": "export"})
+            info.update(self._export(model, send))
         except BaseException as exc:  # noqa: BLE001 - the host reports it and moves on
-            from edgenas.stages import classify
+            kind, message = classify(exc, stage)
+            send({"kind": "result", "status": "failed", "stage": stage, "failure": {"kind": kind.value, "message": message}})
+            return
+        send({"kind": "result", "status": "ok", "stage": stage, "constructor": constructor, **info})
 
-            kind, message = classify(exc, "train")
-            return {"status": "failed", "kind": kind.value, "message": message}
+    def _construct(self):
+        import torch
 
-    def _finalize(self, job: dict, report) -> dict:
+        from edgenas.candidate import construct
+
+        torch.manual_seed(self.job["seed"])
+        namespace = load_module_checked(self.job["code"])
+        model, constructor = construct(namespace["Net"], self.data.in_shape, self.data.num_classes)
+        check_forward(model, self.data.in_shape, self.data.num_classes)
+        return model, constructor
+
+    def _train_full(self, checkpoint: bytes, send):
         import math
 
         import torch
 
-        from edgenas import profile
-        from edgenas.train import build_optimizer, evaluate, steps_per_epoch, train_epoch
+        from edgenas.data import Normalize
+        from edgenas.train import build_optimizer, steps_per_epoch, train_epoch
 
-        self.config.train.seed = job["seed"]
-        out: dict = {}
-        self._build(job, out)
-        self._training_step_memory()  # settles the memory layout (channels_last or not)
-        cfg, model = self.config.train, self.model.to(self.torch_device)
-        if self.channels_last:
+        cfg = self.config.train.model_copy(update={"seed": self.job["seed"]})
+        channels_last = cfg.channels_last and self._channels_last_works()
+        model = self.model.to(self.torch_device)
+        if channels_last:
             model = model.to(memory_format=torch.channels_last)
+        normalize = Normalize(self.data.mean, self.data.std, self.torch_device, channels_last)
         epochs = math.ceil(cfg.epochs)
         optimizer, scheduler = build_optimizer(model, cfg, epochs * steps_per_epoch(len(self.train_split), cfg.batch_size))
-        generator = torch.Generator().manual_seed(job["seed"])
+        generator = torch.Generator().manual_seed(cfg.seed)
         start_epoch, history = 0, []
-        if self.resume is not None:
-            model.load_state_dict(self.resume["model"])
-            optimizer.load_state_dict(self.resume["optimizer"])
-            scheduler.load_state_dict(self.resume["scheduler"])
-            generator.set_state(self.resume["generator"])
-            start_epoch, history = self.resume["epoch"], self.resume["history"]
+        if checkpoint:
+            state = torch.load(io.BytesIO(checkpoint), weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            generator.set_state(state["generator"])
+            start_epoch, history = state["epoch"], state["history"]
         for epoch in range(start_epoch, epochs):
-            stats = train_epoch(model, optimizer, scheduler, self.train_split, self.normalize, cfg, generator)
+            stats = train_epoch(model, optimizer, scheduler, self.train_split, normalize, cfg, generator)
             history.append({"epoch": epoch + 1, "loss": stats.loss_mean, "seconds": stats.seconds})
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "generator": generator.get_state(), "epoch": epoch + 1, "history": history},
-                       self.out_dir / f"seed{job['seed']}.ckpt")
-            report({"progress": {"seed": job["seed"], "epoch": epoch + 1, "epochs": epochs, "loss": stats.loss_mean}})
-        accuracy, loss = evaluate(model, self.test_split, self.normalize, cfg.eval_batch_size, cfg.amp)
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                     "epoch": epoch + 1, "history": history}
+            send({"kind": "checkpoint", "epoch": epoch + 1}, _to_bytes(state))
+            send({"kind": "progress", "epoch": epoch + 1, "epochs": epochs, "loss": stats.loss_mean})
         model = model.cpu().to(memory_format=torch.contiguous_format).eval()
-        torch.save(model.state_dict(), self.out_dir / f"model-seed{job['seed']}.pt")
-        out.update(seed=job["seed"], test_accuracy=accuracy, test_loss=loss, history=history,
-                   params=profile.count_params(model), train_images=len(self.train_split))
-        if job["export"]:
-            out.update(self._export(model))
-        return out
+        return model, {"train_images": len(self.train_split), "train_loss_last": history[-1]["loss"] if history else None}
 
-    def _export(self, model) -> dict:
-        import shutil
-
+    def _export(self, model, send) -> dict:
+        """Weights and the graph go back through the pipe; parity against PyTorch on training images is this job's
+        own check that the export is faithful (the test score is the host's, on the graph)."""
         import torch
 
         from edgenas import profile
         from edgenas.data import Normalize
-        from exporters.bench import available_cores
         from exporters.onnx_export import check_parity, export_onnx, parity
 
-        shutil.copy(self.out_dir / f"model-seed{self.config.train.seed}.pt", self.out_dir / "model.pt")
-        path = export_onnx(model, self.data.in_shape, self.out_dir / "model.onnx")
-        images = Normalize(self.data.mean, self.data.std, "cpu")(self.data.test.images[:2000])
-        report = parity(model, path, images)
-        check_parity(report)  # fails loudly: a model that disagrees with PyTorch is not shipped
-        example = images[:1]
+        send({"kind": "weights"}, _to_bytes(model.state_dict()))
+        path = export_onnx(model, self.data.in_shape, Path(tempfile.mkdtemp()) / "model.onnx")
+        images = Normalize(self.data.mean, self.data.std, "cpu")(self.data.train.images[:1000])
+        report = check_parity(parity(model, path, images))
+        send({"kind": "graph", "trained": True}, path.read_bytes())
         latency = {}
-        for threads in sorted({1, available_cores()}):
+        for threads in sorted({1, len(os.sched_getaffinity(0))}):
             torch.set_num_threads(threads)
-            latency[f"threads_{threads}"] = profile.latency_ms(model, example, runs=100, warmup=10)
+            latency[f"threads_{threads}"] = profile.latency_ms(model, images[:1], runs=100, warmup=10)
         return {"parity": report, "torch_latency_ms": latency}
 
 
-def _concat(a, b):
+def _to_bytes(obj) -> bytes:
     import torch
 
-    from edgenas.data import Split
-
-    return Split(torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels]))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------- host side
+
+
+def publish(path: Path, data: bytes) -> None:
+    """Write a file of final/ atomically: a private staging file in the same folder, then a rename over the name."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_regular(path: Path, max_bytes: int) -> bytes | None:
+    """A file's bytes if it is a regular file (never through a link) of at most `max_bytes`, else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not (info.st_mode & 0o170000 == 0o100000) or info.st_size > max_bytes:
+            return None
+        return f.read(max_bytes + 1)[:max_bytes]
 
 
 def choose(archive, budget, top: int, ids: list[int] | None) -> list:
@@ -142,7 +190,7 @@ def finalize(run_dir, top: int = 3, ids: list[int] | None = None, epochs: int = 
     """Train, score, export, quantize and measure each chosen candidate; returns one card per model."""
     from edgenas.archive import Archive
 
-    run_dir = Path(run_dir).resolve()  # the sandboxed child runs in its own directory
+    run_dir = Path(run_dir).resolve()
     config = load_config(run_dir / "config.yaml", [*FULL_TRAINING, f"train.epochs={epochs}", *overrides])
     archive = Archive(run_dir)
     try:
@@ -150,52 +198,99 @@ def finalize(run_dir, top: int = 3, ids: list[int] | None = None, epochs: int = 
     finally:
         archive.close()
     reference = _reference_images(config)
+    ev = config.eval
+    limits = Limits(timeout_s=timeout_s, memory_limit_mb=ev.memory_limit_mb, output_limit_bytes=ev.output_limit_bytes,
+                    disk_limit_mb=ev.disk_limit_mb, max_files=ev.max_files, max_payload_bytes=MAX_CHECKPOINT_BYTES,
+                    allow_unconfined=ev.allow_unconfined)
     cards = []
-    with Sandbox("exporters.finalize:FinalizeWorker", {"config": config.model_dump(mode="json")}) as sandbox:
-        info = sandbox.start()
+    with JailClient("exporters.finalize:FinalizeJob", {"config": config.model_dump(mode="json")}, limits) as jail:
+        if jail.info["device"] != "cpu":
+            jail.limits = Limits(**{**limits.__dict__, "memory_limit_mb": None})
         for candidate in chosen:
             out_dir = run_dir / "final" / f"{candidate.iteration:05d}"
             out_dir.mkdir(parents=True, exist_ok=True)
-            limits = Limits(timeout_s=timeout_s, memory_limit_mb=config.eval.memory_limit_mb,
-                            network_isolation=config.eval.network_isolation, writable_dir=str(out_dir),
-                            cap_address_space=info["device"] == "cpu")
-            seed_results = [_train_seed(sandbox, candidate, seed, seed == seeds[0], out_dir, limits, on_progress) for seed in seeds]
-            cards.append(_measure_and_card(candidate, seed_results, out_dir, config, info, reference))
+            seed_results = [_train_seed(jail, candidate, seed, out_dir, reference, on_progress) for seed in seeds]
+            cards.append(_measure_and_card(candidate, seed_results, out_dir, config, jail.info, reference))
     return cards
 
 
-def _train_seed(sandbox, candidate, seed, export, out_dir, limits, on_progress) -> dict:
-    done = out_dir / f"seed{seed}.json"
-    if done.is_file():  # finished in an earlier, interrupted finalize
-        return json.loads(done.read_text())
-    job = {"code": candidate.code, "seed": seed, "out_dir": str(out_dir), "export": export}
-    reply = sandbox.run(job, limits, lambda p: on_progress and on_progress(candidate.iteration, p))
-    result = reply.get("result")
-    if not isinstance(result, dict) or result.get("status") != "ok":
-        why = result.get("message") if isinstance(result, dict) else reply.get("error") or ("timed out" if reply.get("timed_out") else "the process died")
-        kind = result.get("kind") if isinstance(result, dict) else FailureKind.crashed.value
-        raise FinalizeError(f"candidate {candidate.iteration}, seed {seed}: {kind}: {str(why).strip().splitlines()[-1] if why else ''}")
-    done.write_text(json.dumps(result))
-    return result
+def _train_seed(jail, candidate, seed: int, out_dir: Path, reference: dict, on_progress) -> dict:
+    done = read_regular(out_dir / f"seed{seed}.json", 1 << 20)
+    if done is not None:  # finished in an earlier, interrupted finalize
+        return json.loads(done)
+    checkpoint_path = out_dir / f"seed{seed}.ckpt"
+    got: dict = {"graph": b"", "weights": b"", "result": None, "bad": None}
+
+    def on_message(header: dict, payload: bytes):
+        if header.get("kind") == "isolation":
+            return None
+        try:
+            message = messages.parse(header)
+        except ValueError as e:
+            got["bad"] = str(e)
+            return "cancel"
+        if isinstance(message, messages.Checkpoint):
+            publish(checkpoint_path, payload)
+        elif isinstance(message, messages.Progress) and on_progress:
+            on_progress(candidate.iteration, {"seed": seed, "epoch": message.epoch, "epochs": message.epochs,
+                                              "loss": message.loss})
+        elif isinstance(message, messages.Graph):
+            got["graph"] = payload
+        elif isinstance(message, messages.Weights):
+            got["weights"] = payload
+        elif isinstance(message, messages.Result | messages.Error):
+            got["result"] = message
+        return None
+
+    resume = read_regular(checkpoint_path, MAX_CHECKPOINT_BYTES) or b""
+    report = jail.run({"code": candidate.code, "seed": seed}, on_message, resume)
+    result = got["result"]
+    where = f"candidate {candidate.iteration}, seed {seed}"
+    if got["bad"]:
+        raise FinalizeError(f"{where}: crashed: {got['bad']}")
+    if isinstance(result, messages.Result) and result.status == "failed":
+        raise FinalizeError(f"{where}: {result.failure.kind.value}: {result.failure.message.strip().splitlines()[-1]}")
+    if not isinstance(result, messages.Result) or not got["graph"]:
+        from edgenas.worker import exit_failure
+
+        kind, why = exit_failure(report, "training", jail.limits.timeout_s)
+        if isinstance(result, messages.Error):
+            why = result.message.strip().splitlines()[-1]
+        tail = report.get("output_tail", "").strip().splitlines()[-3:]
+        raise FinalizeError(f"{where}: {kind.value}: {why} (exit code {report.get('exit_code')}, signal "
+                            f"{report.get('signal')}){'; output: ' + ' | '.join(tail) if tail else ''}")
+    try:
+        graph = referee.load(got["graph"], tuple(jail.info["in_shape"]), jail.info["num_classes"])
+        accuracy, loss = _onnx_accuracy(got["graph"], reference)
+    except referee.GraphError as e:
+        raise FinalizeError(f"{where}: {FailureKind.export.value}: {e}") from None
+    summary = {"seed": seed, "test_accuracy": accuracy, "test_loss": loss, "train_images": result.train_images,
+               "params": referee.inspect(graph, reference["probe"]).params, "parity": result.parity,
+               "torch_latency_ms": result.torch_latency_ms, "isolation": report.get("isolation", [])}
+    publish(out_dir / f"model-seed{seed}.onnx", got["graph"])
+    publish(out_dir / f"model-seed{seed}.pt", got["weights"])
+    publish(out_dir / f"seed{seed}.json", json.dumps(summary).encode())
+    checkpoint_path.unlink(missing_ok=True)
+    return summary
 
 
 def _reference_images(config) -> dict:
-    """Calibration and test images for the host's ONNX work, normalised once for every candidate."""
+    """Calibration (training images) and test images for the host's ONNX work, loaded once for every candidate."""
     import torch
 
-    from edgenas.data import Normalize, load_data
+    from edgenas.data import load_data
 
-    data = load_data(config.dataset, with_test=True)
-    normalize = Normalize(data.mean, data.std, "cpu")
+    data = load_data(config.dataset, ("train", "test"))
     pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))[:256]
-    return {"calibration": normalize(data.train.images[pick]), "test_images": normalize(data.test.images),
-            "test_labels": data.test.labels.numpy()}
+    calibration = referee.normalize(data.train.images[pick].numpy(), data.mean, data.std)
+    return {"calibration": calibration, "probe": calibration[:1], "test_images": data.test.images.numpy(),
+            "test_labels": data.test.labels.numpy(), "mean": data.mean, "std": data.std}
 
 
-def _onnx_accuracy(path: Path, reference: dict) -> float:
-    from exporters.onnx_export import onnx_logits
-
-    return float((onnx_logits(path, reference["test_images"]).argmax(1) == reference["test_labels"]).mean())
+def _onnx_accuracy(graph: bytes, reference: dict) -> tuple[float, float]:
+    session = referee.session(graph, len(os.sched_getaffinity(0)))
+    return referee.score(session, reference["test_images"], reference["test_labels"], reference["mean"],
+                         reference["std"], batch_size=256)
 
 
 def _measure_and_card(candidate, seed_results, out_dir: Path, config, info, reference: dict) -> dict:
@@ -205,10 +300,14 @@ def _measure_and_card(candidate, seed_results, out_dir: Path, config, info, refe
     from exporters.card import environment, write_card
     from exporters.quantize import quantize_int8
 
-    fp32, int8 = out_dir / "model.onnx", out_dir / "model.int8.onnx"
-    quantize_int8(fp32, int8, reference["calibration"].numpy())
-    threads = sorted({1, available_cores()})
     first = seed_results[0]
+    fp32, int8 = out_dir / "model.onnx", out_dir / "model.int8.onnx"
+    publish(fp32, (out_dir / f"model-seed{first['seed']}.onnx").read_bytes())
+    publish(out_dir / "model.pt", (out_dir / f"model-seed{first['seed']}.pt").read_bytes())
+    with tempfile.TemporaryDirectory(prefix="edgenas-int8-") as staging:
+        quantize_int8(fp32, Path(staging) / int8.name, reference["calibration"])
+        publish(int8, (Path(staging) / int8.name).read_bytes())
+    threads = sorted({1, available_cores()})
     accuracies = [r["test_accuracy"] for r in seed_results]
     card = {
         "name": f"{info['dataset']}-candidate-{candidate.iteration:05d}", "candidate": candidate.iteration,
@@ -216,11 +315,11 @@ def _measure_and_card(candidate, seed_results, out_dir: Path, config, info, refe
         "params": first["params"], "macs": candidate.result.macs, "val_accuracy_proxy": candidate.val_accuracy,
         "training": {"epochs": config.train.epochs, "schedule": config.train.schedule, "lr": config.train.lr,
                      "label_smoothing": config.train.label_smoothing, "train_images": first["train_images"],
-                     "device": info["device"]},
+                     "device": info["device"], "isolation": first["isolation"]},
         "test_accuracy": {"per_seed": {str(r["seed"]): r["test_accuracy"] for r in seed_results},
                           "mean": float(np.mean(accuracies)), "std": float(np.std(accuracies)),
-                          "onnx_fp32": _onnx_accuracy(fp32, reference),
-                          "onnx_int8": _onnx_accuracy(int8, reference)},
+                          "onnx_fp32": first["test_accuracy"],
+                          "onnx_int8": _onnx_accuracy(int8.read_bytes(), reference)[0]},
         "file_bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size},
         "parity": first["parity"],
         "latency_ms": {
@@ -231,6 +330,5 @@ def _measure_and_card(candidate, seed_results, out_dir: Path, config, info, refe
         "environment": environment(),
         "artifacts": {"model.pt": "model.pt", "model.onnx": fp32.name, "model.int8.onnx": int8.name},
     }
-    write_card(out_dir, card)
+    write_card(out_dir, card, publish)
     return card
-

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -13,6 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from edgenas.referee import GraphError, inspect, latency_ms, load, score, score_batch, session
 from exporters.onnx_export import graph_bytes
+
+from .conftest import ROOT
 
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 SMALL = (3, 8, 8)  # the hand-built graphs' image shape: 192 features
@@ -225,11 +230,13 @@ def test_refusals():
         with pytest.raises(GraphError, match=match):
             inspect(load(data, kwargs.get("in_shape", SMALL), 10, kwargs.get("max_nodes", 20000)), probe_image(SMALL))
 
-    refused(build([helper.make_node("Steal", ["flat"], ["x"], domain="com.evil"), MATMUL]), "operator domain")
+    steal = helper.make_node("Steal", ["flat"], ["x"], name="two\nlines", domain="com.evil")
+    refused(build([steal, MATMUL]), "^'Steal' node 'two lines' is from operator domain 'com.evil'; [^\n]*$")
     branch = helper.make_graph([helper.make_node("Identity", ["flat"], ["y"])], "branch", [],
                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     refused(build([helper.make_node("Constant", [], ["cond"], value=helper.make_tensor("c", TensorProto.BOOL, [], [1])),
-                   helper.make_node("If", ["cond"], ["z"], then_branch=branch, else_branch=branch), MATMUL]), "subgraph")
+                   helper.make_node("If", ["cond"], ["z"], then_branch=branch, else_branch=branch), MATMUL]),
+            "subgraph")
     refused(build([helper.make_node("NonZero", ["flat"], ["where"]), MATMUL]), "NonZero")
     refused(build([helper.make_node("RandomNormalLike", ["flat"], ["noise"]), MATMUL]), "random")
     second = helper.make_tensor_value_info("other", TensorProto.FLOAT, ["batch", *SMALL])
@@ -266,6 +273,11 @@ def test_garbage_bytes_are_refused(data):
         load(data, SMALL, 10)
 
 
+def test_the_referee_does_not_import_torch():
+    code = "import sys, edgenas.referee; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
 def test_truncated_model_is_refused():
     with pytest.raises(GraphError):
         load(build([MATMUL])[:-40], SMALL, 10)
@@ -273,10 +285,35 @@ def test_truncated_model_is_refused():
 
 def test_non_finite_logits_are_refused():
     zero = numpy_helper.from_array(np.zeros((), np.float32), "zero")
-    data = build([helper.make_node("MatMul", ["flat", "W"], ["mm"]), helper.make_node("Div", ["mm", "zero"], ["logits"])],
-                 [W, zero])
+    data = build([helper.make_node("MatMul", ["flat", "W"], ["mm"]),
+                  helper.make_node("Div", ["mm", "zero"], ["logits"])], [W, zero])
     graph = load(data, SMALL, 10)
     inspect(graph, probe_image(SMALL))  # measuring is fine; scoring is not
     images = np.full((4, *SMALL), 128, np.uint8)
     with pytest.raises(GraphError, match="NaN/inf"):
         score(session(graph, threads=1), images, np.zeros(4, np.int64), MEAN, STD, batch_size=2)
+
+
+def test_a_constant_40_gb_allocation_is_refused_before_it_runs():
+    shape = numpy_helper.from_array(np.array([100_000, 100_000], np.int64), "shape")
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["blob"]),
+             helper.make_node("ReduceSum", ["blob"], ["total"], keepdims=0),
+             helper.make_node("MatMul", ["flat", "W"], ["mm"]), helper.make_node("Add", ["mm", "total"], ["logits"])]
+    with pytest.raises(GraphError, match="GiB for one image"):
+        measure(build(nodes, [W, shape]))
+
+
+def test_the_dynamo_fallback_gives_a_graph_the_referee_accepts(monkeypatch, cnn):
+    model, graph = cnn
+    export = torch.onnx.export
+
+    def without_torchscript(*args, **kwargs):
+        if not kwargs.get("dynamo", True):
+            raise RuntimeError("the TorchScript exporter was removed")
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", without_torchscript)
+    fallback = load(graph_bytes(model, (3, 32, 32)), (3, 32, 32), 10)
+    ours, theirs = inspect(fallback, probe_image((3, 32, 32))), inspect(graph, probe_image((3, 32, 32)))
+    assert (ours.opset, theirs.opset) == (18, 17)
+    assert (ours.params, ours.macs) == (theirs.params, theirs.macs)

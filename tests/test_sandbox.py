@@ -3,9 +3,11 @@
 import os
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
+import edgenas
 from edgenas.config import load_config
 from edgenas.evaluate import Evaluator
 from edgenas.records import FailureKind
@@ -15,6 +17,7 @@ from .conftest import program
 OS = "getattr(torch, 'o' + 's')"  # reaches os past the static checks, so the run-time guard is what is tested
 SYS = "getattr(torch, 's' + 'ys')"
 SECRET = "sk-edgenas-test-secret-4242"
+PACKAGE = Path(edgenas.__file__).parent
 
 
 def net(body: str = "", forward: str = "return self.fc(x.mean((2, 3)))", module: str = "") -> str:
@@ -120,16 +123,21 @@ def test_process_spawn_is_forbidden_at_run_time(evaluator, tmp_path):
     assert not marker.exists()
 
 
-def test_file_write_outside_is_forbidden(evaluator, tmp_path):
-    target = tmp_path / "escape.txt"
+def test_file_write_outside_is_forbidden(evaluator):
+    target = PACKAGE / "escape.txt"  # edgenas's own folder is in the jail's view, read-only
     check(evaluator, net(body=f"{OS}.open('{target}', {OS}.O_WRONLY | {OS}.O_CREAT)"), FailureKind.forbidden, "writing")
     assert not target.exists()
 
 
-def test_file_write_the_audit_hook_cannot_see_hits_a_read_only_filesystem(evaluator, tmp_path):
-    target = tmp_path / "weights.pt"  # torch.save writes through C++, past Python's audit hooks
-    result = check(evaluator, net(body=f"getattr(torch, 'sa' + 've')(self.state_dict(), '{target}')"), FailureKind.build)
-    assert "fs_readonly" in result.isolation and not target.exists()
+def test_file_writes_the_audit_hook_cannot_see_hit_a_read_only_view(evaluator, tmp_path):
+    # torch.save writes through C++, past Python's audit hooks: the mount table is what stops it
+    result = check(evaluator, net(body=f"getattr(torch, 'sa' + 've')(self.state_dict(), '{PACKAGE / 'weights.pt'}')"),
+                   FailureKind.build, "Read-only file system")
+    assert "private_root" in result.isolation and not (PACKAGE / "weights.pt").exists()
+    # the host's /tmp is not in the view at all: a write there lands in the job's own scratch space, then vanishes
+    target = tmp_path / "weights.pt"
+    check(evaluator, net(body=f"getattr(torch, 'sa' + 've')(self.state_dict(), '{target}')"), FailureKind.build)
+    assert not target.exists()
 
 
 def test_network_is_unreachable(evaluator, listener):

@@ -68,6 +68,7 @@ class Result(Message):
     train_seconds: float | None = Field(None, ge=0)
     train_images: int | None = Field(None, ge=0)
     parity: dict[str, float] | None = None  # finalize: the job's own torch-vs-onnxruntime check of its export
+    torch_latency_ms: dict[str, float] | None = None  # finalize: eager latency as the job measured it
 
 
 class Error(Message):
