@@ -291,9 +291,9 @@ def _node_macs(node: onnx.NodeProto, shape) -> int | None:
     return None
 
 
-def _static_bytes(model: onnx.ModelProto, batch: int = 1) -> int:
-    """Bytes of every node output whose shape ONNX shape inference (with data propagation) can tell for `batch`
-    images, before anything runs: a graph that allocates 40 GB from a constant shape is caught here. Weights
+def _static_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of every node output whose shape ONNX shape inference (with data propagation) can tell for one
+    image, before anything runs: a graph that allocates 40 GB from a constant shape is caught here. Weights
     travel as typed inputs, not data: inference needs only the small shape vectors."""
     graph = model.graph
     small = [t for t in graph.initializer if math.prod(t.dims) <= SHAPE_VECTOR_MAX]
@@ -301,7 +301,7 @@ def _static_bytes(model: onnx.ModelProto, batch: int = 1) -> int:
              if math.prod(t.dims) > SHAPE_VECTOR_MAX]
     image = onnx.ValueInfoProto()
     image.CopyFrom(_image(graph))
-    image.type.tensor_type.shape.dim[0].dim_value = batch
+    image.type.tensor_type.shape.dim[0].dim_value = 1
     skeleton = onnx.helper.make_model(
         onnx.helper.make_graph(graph.node, graph.name, [image, *large], graph.output, initializer=small),
         opset_imports=model.opset_import, ir_version=model.ir_version)
@@ -313,9 +313,8 @@ def _static_bytes(model: onnx.ModelProto, batch: int = 1) -> int:
     for value in (*inferred.graph.value_info, *inferred.graph.output):
         tensor = value.type.tensor_type
         if tensor.elem_type and all(d.HasField("dim_value") for d in tensor.shape.dim):
-            size = 1 if tensor.elem_type == onnx.TensorProto.STRING else \
-                onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
-            total += size * math.prod(d.dim_value for d in tensor.shape.dim)
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
+            total += itemsize * math.prod(d.dim_value for d in tensor.shape.dim)
     return total
 
 

@@ -79,8 +79,16 @@ def graph_bytes(model: torch.nn.Module, in_shape: tuple[int, int, int], opset: i
             torch.onnx.export(frozen, (example,), buffer, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                               opset_version=opset, dynamo=False, do_constant_folding=True,
-                              training=torch.onnx.TrainingMode.EVAL)
-        return buffer.getvalue()
+                              training=torch.onnx.TrainingMode.EVAL, keep_initializers_as_inputs=True)
+        # Initializers kept as inputs skip the exporter's de-duplication, which merges tensors of equal value (every
+        # untrained BatchNorm folds to the same zero bias) and would make an untrained graph count fewer weights than
+        # the same model trained. They are then taken out of the inputs again: the graph has one input, the image.
+        proto = onnx.load_from_string(buffer.getvalue())
+        weights = {t.name for t in proto.graph.initializer}
+        image_inputs = [i for i in proto.graph.input if i.name not in weights]
+        del proto.graph.input[:]
+        proto.graph.input.extend(image_inputs)
+        return proto.SerializeToString()
     except Exception:  # noqa: BLE001 - the legacy exporter may be gone; dynamo below reports the real failure
         pass
     try:

@@ -15,7 +15,7 @@ def test_evaluate_on_shared_cifar10_prints_one_complete_json(shared_cifar):
     record = json.loads(proc.stdout)  # exactly one JSON object, nothing else on stdout
     assert EXPECTED_KEYS <= set(record)
     assert record["status"] == "ok" and record["failure"] is None and record["dataset"] == "folder"
-    assert 0.15 < record["val_accuracy"] <= 1 and record["params"] == 448 + 32 + 4640 + 64 + 330
+    assert 0.15 < record["val_accuracy"] <= 1 and record["params"] == 448 + 4640 + 330  # BatchNorm folded into the convolutions
     assert record["stage_seconds"]["train"] > 0
 
 
@@ -55,6 +55,6 @@ def test_profile_resnet18_matches_the_reference_counts():
                    "--batch-size", "2", "--json")
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)
-    assert record["params"] == 11_689_512
+    assert record["params"] == 11_689_512 - 4_800  # each BatchNorm (4,800 channels) folds into one conv bias
     assert abs(record["macs"] - 1.82e9) < 0.01e9, record["macs"]
     assert record["peak_memory_bytes"] > record["weight_bytes"] and record["val_accuracy"] is None

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from edgenas.referee import GraphError, inspect, latency_ms, load, score, score_batch, session
+from edgenas.referee import GraphError, inspect, latency_ms, load, normalize, score, score_batch, session
 from exporters.onnx_export import graph_bytes
 
 from .conftest import ROOT
@@ -133,6 +133,7 @@ def test_score_matches_torch_eval(cnn):
     stats = inspect(graph, probe_image((3, 32, 32)))
     accuracy, loss = score(session(graph, threads=1), images, labels, MEAN, STD, batch_size=64)
     x = (torch.from_numpy(images).float() / 255 - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    np.testing.assert_array_equal(normalize(images, MEAN, STD), x.numpy())
     with torch.no_grad():
         logits = model(x)
     assert accuracy == pytest.approx((logits.argmax(1).numpy() == labels).mean(), abs=1e-5)
