@@ -33,10 +33,11 @@ from pathlib import Path
 
 import torch
 from common import REPO, finish, fmt, machine_info, make_config, parser, rounds, summary, table
+from torch.utils.flop_counter import FlopCounterMode
 
 from edgenas.candidate import construct, load_module
 from edgenas.data import Normalize, load_data
-from edgenas.profile import count_macs, count_params, latency_ms
+from edgenas.profile import count_params, latency_ms
 from edgenas.train import build_optimizer, evaluate, steps_per_epoch, train_epoch
 from exporters.bench import available_cores
 from exporters.card import environment
@@ -126,7 +127,9 @@ def main() -> None:
     model, _ = construct(load_module(RESNET8)["Net"], data.in_shape, data.num_classes)
     normalize = Normalize(data.mean, data.std, "cpu")
     example = normalize(data.test.images[:1])
-    macs = count_macs(model.eval(), example)[2]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(example)
+    macs = counter.get_total_flops() // 2
     print(f"ResNet-8: {count_params(model):,} parameters, {macs:,} MACs; training {args.epochs} epochs on "
           f"{len(data.train):,} images", flush=True)
     train(model, data, config, args.epochs)

@@ -91,7 +91,6 @@ class TrustedWorker:
         """One candidate -> (record fields, trained ONNX graph or b"")."""
         out = {"device": self.info["device"], "dataset": self.info["dataset"], "stage_seconds": {}}
         state = {"stage": None, "since": time.perf_counter(), "failure": None, "result": None, "graph": b""}
-        budget, batch = self.config.budget, self.config.train.batch_size
 
         def tick(stage: str | None) -> None:
             now = time.perf_counter()

@@ -38,9 +38,9 @@ class FinalizeJob(ProxyJob):
 
     def setup(self) -> None:
         super().setup()
-        from edgenas.data import Split
-
         import torch
+
+        from edgenas.data import Split
 
         val = self.data.val.to(self.torch_device)
         self.train_split = Split(torch.cat([self.train_split.images, val.images]),

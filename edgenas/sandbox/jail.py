@@ -65,7 +65,9 @@ def _check(result: int, what: str) -> None:
 
 
 def _mount(source, target: str, fstype, flags: int, data: str | None = None) -> None:
-    enc = (lambda s: s.encode() if s else None)
+    def enc(text):
+        return text.encode() if text else None
+
     _check(_libc.mount(enc(source), target.encode(), enc(fstype), flags, enc(data)), f"mount {target}")
 
 
@@ -74,7 +76,7 @@ def root_mode() -> bool:
     if os.geteuid() != 0:
         return False
     with open("/proc/self/uid_map") as f:
-        return any(int(inside) <= JAIL_ID < int(inside) + int(count) for inside, _, count in (l.split() for l in f))
+        return any(int(inside) <= JAIL_ID < int(inside) + int(count) for inside, _, count in (line.split() for line in f))
 
 
 # ---------------------------------------------------------------- the leader (trusted, between zygote and job)
