@@ -22,7 +22,7 @@ from pathlib import Path
 from edgenas import redact
 from edgenas.records import Candidate, Failure
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: records measured on the exported graph (macs_uncounted_ops, artifact_sha256)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS candidates (

@@ -16,9 +16,7 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
-import stat
 import subprocess
 import sys
 import threading
@@ -28,6 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+try:
+    import pyseccomp
+except ImportError:  # the refusal tests skip without it
+    pyseccomp = None
 
 from edgenas.config import load_config
 from edgenas.evaluate import Evaluator
@@ -178,7 +181,7 @@ STATE: dict = {}
 
 
 @pytest.fixture(scope="module")
-def evaluator(tmp_path_factory):
+def evaluator():
     saved = {k: os.environ.get(k) for k in SECRETS}
     os.environ.update(SECRETS)
     cache = Path(os.environ["EDGENAS_CACHE"]) / "datasets"
@@ -298,26 +301,27 @@ _report(R)
     assert result.failure.kind is FailureKind.build
 
 
-def test_setns_into_the_host_pid_mount_namespace(evaluator):
-    host = os.getpid()
+JAIL_ROOT = {"dev", "etc", "job", "proc", "root", "tmp", "usr", "lib", "lib64", "lib32", "work"}
+
+
+def test_setns_into_the_host_namespaces(evaluator):
+    host, parent = os.getpid(), os.getppid()
     code = candidate(f'''
 os_, sys_, ct, libc = _neuter()
 R = {{}}
-for path in ('/proc/{host}/ns/mnt', '/proc/{host}/root', '/proc/{os.getppid()}/ns/net', '/proc/1/root/../../..'):
+for path in ('/proc/{host}/ns/mnt', '/proc/{host}/ns/pid', '/proc/{parent}/ns/net', '/proc/{host}/root'):
     try:
         fd = os_.open(path, os_.O_RDONLY)
-        R[path] = ('opened', libc.setns(fd, 0), ct.get_errno(), sorted(os_.listdir(path))[:5])
+        R[path] = ('opened', libc.setns(fd, 0), ct.get_errno())
     except OSError as e:
         R[path] = e.errno
-R['root_after'] = sorted(os_.listdir('/'))
+R['dotdot'] = sorted(os_.listdir('/proc/1/root/../../..'))
 _report(R)
 ''')
     r = found(run(evaluator, code)[0])
-    assert all(isinstance(v, int) for k, v in r.items() if k.startswith(f"/proc/{host}") or "ns/net" in k), r
-    assert "root" not in r or True
-    # ../ at the jail's root stays at the jail's root: no host directory shows up
-    assert not set(r["root_after"]) & {"home", "var", "boot", "srv", "opt"}, r
-    assert all(not isinstance(v, tuple) or v[1] != 0 for v in r.values()), r
+    for path, outcome in r.items():
+        assert path == "dotdot" or isinstance(outcome, int) or outcome[1] == -1, (path, r)
+    assert set(r["dotdot"]) <= JAIL_ROOT, r
 
 
 def test_fork_and_exec_by_every_route(evaluator, tmp_path):
@@ -403,9 +407,8 @@ _report(R)
 ''')
     r = found(run(evaluator, code)[0])
     assert r["chroot"][0] == -1, r
-    jail_root = {"dev", "etc", "job", "proc", "root", "tmp", "usr"}
     for listing in (r["after_dotdot"], r["fchdir"][1], r["proc_1_root"]):
-        assert set(listing) <= jail_root | {"lib", "lib64", "lib32", "work"}, r
+        assert set(listing) <= JAIL_ROOT, r
 
 
 @pytest.fixture(scope="module")
@@ -627,7 +630,8 @@ def test_secrets_printed_to_the_output_tail(evaluator):
     code = candidate(f'''
 os_, sys_, ct, libc = _neuter()
 print(sorted(os_.environ.items()))
-print(os_.read(os_.open('/proc/self/environ', os_.O_RDONLY), 1 << 16))
+start, end = (int(v) for v in os_.read(os_.open('/proc/self/stat', os_.O_RDONLY), 4096).split()[-5:-3])
+print(ct.string_at(start, end - start))  # the initial environment block (/proc/self/environ is not readable)
 for name in {list(SECRETS)!r}:
     print(name, getattr(sys_.modules['os'], 'getenv')(name))
 _report({{'printed': True}})
@@ -685,20 +689,21 @@ try:
 except OSError as e:
     R['fill_errno'] = e.errno
 os_.ftruncate(fd, 0)
-R['sparse'] = 'ok'
+R['sparse_bytes'] = 0
 try:
     os_.truncate('/job/{TOKEN}-fill', 1 << 40)  # sparse: must not be a way past the limit either
     fd2 = os_.open('/job/{TOKEN}-fill', os_.O_WRONLY)
-    os_.lseek(fd2, (1 << 40) - (1 << 20), 0)
-    os_.write(fd2, chunk * 20)
+    os_.lseek(fd2, (1 << 40) - (64 << 20), 0)
+    while R['sparse_bytes'] < (64 << 20):
+        R['sparse_bytes'] += os_.write(fd2, chunk)
 except OSError as e:
-    R['sparse'] = e.errno
+    R['sparse_errno'] = e.errno
 _report(R)
 ''')
     result, elapsed = run(evaluator, code)
     r = found(result)
     assert r["fill_errno"] == 28 and r["bytes"] <= DISK_MB << 20, r  # ENOSPC at the configured size
-    assert r["sparse"] in (27, 28), r
+    assert r["sparse_errno"] in (27, 28) and r["sparse_bytes"] <= DISK_MB << 20, r
     assert elapsed < TIMEOUT_S
 
 
@@ -783,7 +788,7 @@ os_._exit(0)
 ''')
     result, _ = run(evaluator, code)
     assert result.failure is not None and result.failure.kind is FailureKind.crashed, result
-    assert result.val_accuracy is None and result.params is None and result.train_images is None
+    assert result.val_accuracy is None and result.params is None and result.macs is None
 
 
 def _graph_bomb(elements: int) -> bytes:
@@ -825,11 +830,11 @@ def test_graph_that_bombs_the_trusted_side_memory(evaluator):
     result, elapsed = run(evaluator, _ship(f"bytes.fromhex({_graph_bomb(1 << 29).hex()!r})"))
     grown = _hwm_bytes(worker) - before
     assert elapsed < TIMEOUT_S + 30
-    if result.ok:
-        assert result.val_accuracy < CHANCE_MAX and result.params == 768 * 4, result
     assert grown < MEMORY_MB << 20, (f"the trusted worker's peak memory grew by {grown >> 20} MiB running the "
                                      f"candidate's graph (the job itself is capped at {MEMORY_MB} MiB); record: "
                                      f"{result.status.value} {result.failure}")
+    if result.ok:
+        assert result.val_accuracy < CHANCE_MAX and result.params == 768 * 4 + 1, result
     assert_still_works(evaluator)
 
 
@@ -840,6 +845,7 @@ def test_exporter_patched_to_ship_another_better_looking_model(evaluator):
     """The graph shipped is measured as it is: its own params/MACs, its own (random-weight) accuracy."""
     setup = '''
 _other = nn.Sequential(nn.Flatten(), nn.Linear(768, 32), nn.ReLU(), nn.Linear(32, 4))
+nn.init.zeros_(_other[3].weight)  # whatever the candidate trains, this graph knows nothing
 '''
     result, _ = run(evaluator, _ship("_real_graph_bytes(_other, in_shape)", setup=setup))
     assert result.ok, result.failure
@@ -895,7 +901,7 @@ class Net(nn.Module):
                 self.vals = torch.cat([self.vals, F.one_hot(labels, self.n).float()])[-2000:]
         if len(self.keys) == 0:
             return torch.zeros(len(x), self.n) + 0 * self.fc.weight.sum()
-        near = (torch.cdist(k, self.keys) < 1e-3).float()  # exact matches only: pure memorisation
+        near = (((k[:, None, :] - self.keys[None]) ** 2).sum(-1) < 1e-6).float()  # exact matches only: pure memorisation
         return near @ self.vals + 0 * self.fc.weight.sum()
 '''
     result, _ = run(evaluator, candidate("_neuter()\n", net))
@@ -942,18 +948,26 @@ KEYS = np_.concatenate([HELD, TRAIN])
 table = np_.zeros(1 << 16, dtype=bool)
 table[(KEYS & np_.uint64(0xFFFF)).astype(np_.int64)] = True
 R = {{'held_out': 0, 'train': 0, 'scanned_mb': 0}}
-for line in os_.read(os_.open('/proc/self/maps', os_.O_RDONLY), 1 << 22).decode().splitlines():
-    parts = line.split()
-    if not parts[1].startswith('rw') or (len(parts) > 5 and not parts[5].startswith('[')):
-        continue
-    lo, hi = (int(v, 16) for v in parts[0].split('-'))
-    for start in range(lo, hi, 1 << 26):
-        size = min(1 << 26, hi - start) // 8 * 8
-        words = np_.frombuffer((ct.c_char * size).from_address(start), dtype=np_.uint64)
-        R['scanned_mb'] += size >> 20
+def writable():
+    ranges = []
+    for line in os_.read(os_.open('/proc/self/maps', os_.O_RDONLY), 1 << 22).decode().splitlines():
+        parts = line.split()
+        if parts[1].startswith('rw') and (len(parts) < 6 or parts[5].startswith('[')):
+            ranges.append(tuple(int(v, 16) for v in parts[0].split('-')))
+    return ranges
+CHUNK = 1 << 22
+for lo, hi in writable():
+    for start in range(lo, hi, CHUNK):
+        now = [b for a, b in writable() if a <= start < b]  # heaps shrink and grow while the scan runs
+        if not now:
+            continue
+        size = (min(start + CHUNK, now[0]) - start) // 8 * 8
+        data = ct.string_at(start, size)
+        words = np_.frombuffer(data, dtype=np_.uint64)
+        R['scanned_mb'] += size / 2 ** 20
         idx = np_.nonzero(table[(words & np_.uint64(0xFFFF)).astype(np_.int64)])[0]
         for i in idx[np_.isin(words[idx], KEYS)].tolist():
-            digest = sha(ct.string_at(start + 8 * i, 768)).hexdigest()[:16]
+            digest = sha(data[8 * i: 8 * i + 768]).hexdigest()[:16]
             R['held_out'] += digest in HELD_SHA
             R['train'] += digest in TRAIN_SHA
 _report(R)
@@ -999,7 +1013,7 @@ class Net(nn.Module):
         self.fc = nn.Linear(1, 1)
 
     def forward(self, x):
-        near = (torch.cdist(x.flatten(1) @ self.proj, self.keys) < 1e-2).float()
+        near = ((((x.flatten(1) @ self.proj)[:, None, :] - self.keys[None]) ** 2).sum(-1) < 1e-2).float()
         return near @ self.vals + 0 * self.fc.weight.sum()
 '''
     result, _ = run(evaluator, candidate("_neuter()\n", net))
@@ -1029,37 +1043,27 @@ class Net(nn.Module):
 '''
     result, _ = run(evaluator, net)
     if result.ok:
-        assert (result.params, result.macs) == (16, 12), result
+        assert (result.params, result.macs) == (16, 3 * 16 * 16 + 12), result
         assert result.val_accuracy < CHANCE_MAX, result
     else:
         assert result.failure.kind is FailureKind.budget, result.failure
 
 
-def test_output_of_a_forged_isolation_in_the_result(evaluator):
+def test_result_frame_with_forged_isolation_and_accuracy(evaluator):
+    """wire.write, which the job's own `send` looks up at each call, patched to add fields to the result."""
     code = candidate('''
-_sys = getattr(torch, 's' + 'ys')
-_inside = _sys.modules['edgenas.sandbox.inside']
-_real_run = _inside.ProxyJob.run
-def _run(self, job, payload, send):
-    def forged(header, blob=b''):
-        if header.get('kind') == 'result':
-            header = {**header, 'isolation': ['pid_namespace', 'forged'], 'val_accuracy': 1.0}
-        send(header, blob)
-    return _real_run(self, job, payload, forged)
-_inside.ProxyJob.run = _run
-# the patch lands after this job's run has started: so also patch the send of the running frame
-f = getattr(_sys, '_getframe')(0)
-while f is not None:
-    names = getattr(f, 'f_' + 'locals')
-    if 'send' in names and 'job' in names and 'payload' in names:
-        _orig_send = names['send']
-        break
-    f = getattr(f, 'f_' + 'back')
+_wire = getattr(torch, 's' + 'ys').modules['edgenas.sandbox.wire']
+_real_write = _wire.write
+def _write(fd, header, payload=b''):
+    if header.get('kind') == 'result':
+        header = {**header, 'isolation': ['forged'], 'val_accuracy': 1.0, 'params': 1}
+    return _real_write(fd, header, payload)
+_wire.write = _write
 ''', LINEAR_NET)
     result = evaluator.evaluate(code)
-    assert "forged" not in result.isolation
-    if result.ok:
-        assert (result.params, result.macs) == (LINEAR_PARAMS, LINEAR_MACS)
+    assert "forged" not in result.isolation and "pid_namespace" in result.isolation
+    assert result.failure is not None and result.failure.kind is FailureKind.crashed, result
+    assert result.val_accuracy is None
 
 
 # ---------------------------------------------------------------- 5. denial
@@ -1077,7 +1081,7 @@ os_, sys_, ct, libc = _neuter()
 sig = sys_.modules['signal']
 sig.pthread_sigmask(sig.SIG_BLOCK, set(sig.Signals) - {sig.SIGKILL, sig.SIGSTOP})
 for s in (sig.SIGTERM, sig.SIGINT, sig.SIGHUP):
-    sig.signal(s, sig.SIG_IGN)
+    getattr(sig, 'sig' + 'nal')(s, sig.SIG_IGN)
 sys_.modules['time'].sleep(3600)
 ''')
     result, elapsed = run(evaluator, code)
@@ -1149,8 +1153,6 @@ _report(R)
 
 
 def _no_unshare():
-    import pyseccomp
-
     f = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     f.add_rule(pyseccomp.ERRNO(1), "unshare")
     f.load()
@@ -1167,6 +1169,8 @@ CLI_ARGS = ["--dataset", "synthetic", "--set", "dataset.num_classes=4", "--set",
 
 
 def test_refuses_without_namespaces():
+    if pyseccomp is None:
+        pytest.skip("pyseccomp is not installed")
     proc = _cli("evaluate", PROGRAMS / "good_cnn.py", *CLI_ARGS, preexec_fn=_no_unshare)
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     lines = proc.stderr.strip().splitlines()
@@ -1175,6 +1179,8 @@ def test_refuses_without_namespaces():
 
 
 def test_allow_unconfined_runs_without_namespaces():
+    if pyseccomp is None:
+        pytest.skip("pyseccomp is not installed")
     proc = _cli("evaluate", PROGRAMS / "good_cnn.py", *CLI_ARGS, "--set", "eval.allow_unconfined=true",
                 preexec_fn=_no_unshare)
     assert proc.returncode == 0, proc.stderr
@@ -1189,7 +1195,7 @@ def test_allow_unconfined_runs_without_namespaces():
 USER = 1000
 
 
-def _as_normal_user(cache: str):
+def _as_normal_user():
     """preexec_fn, as root: a private mount namespace in which /root is an empty 755 tmpfs with the Python
     installation bound back at its path, then uid/gid 1000 with no supplementary groups and no capabilities."""
     import ctypes
@@ -1228,9 +1234,8 @@ def user_dir(tmp_path_factory):
 def _user_cli(user_dir, program: str, *extra):
     (user_dir / "candidate.py").write_text(program)
     env = {"EDGENAS_CACHE": str(user_dir / "cache"), "HOME": str(user_dir), "OPENAI_API_KEY": SECRETS["OPENAI_API_KEY"]}
-    cache = str(user_dir / "cache")
     return _cli("evaluate", user_dir / "candidate.py", *CLI_ARGS, *extra, env=env, cwd=user_dir,
-                preexec_fn=lambda: _as_normal_user(cache))
+                preexec_fn=_as_normal_user)
 
 
 def test_normal_user_gets_a_user_namespace_jail(user_dir):
@@ -1280,5 +1285,3 @@ _report(R)
 
 def test_evaluator_survives_all_of_it(evaluator):
     assert_still_works(evaluator)
-    os.kill(os.getpid(), 0)  # and so do we
-    assert signal.SIGKILL  # (keeps the import used where the platform lacks other checks)

@@ -176,10 +176,12 @@ def test_search_resumes_after_sigkill_without_loss_or_duplicates(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline:
         time.sleep(0.5)
-        if (run / "archive.sqlite").exists():
-            with sqlite3.connect(run / "archive.sqlite") as db:
+        try:
+            with sqlite3.connect(f"file:{run / 'archive.sqlite'}?mode=ro", uri=True) as db:
                 if db.execute("SELECT COUNT(*) FROM candidates").fetchone()[0] >= 3:
                     break
+        except sqlite3.OperationalError:
+            pass  # not created yet, or its schema not yet written
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     with sqlite3.connect(run / "archive.sqlite") as db:
