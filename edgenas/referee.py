@@ -10,7 +10,6 @@ once on a real image to get exact shapes, then counts parameters, MACs and activ
 from __future__ import annotations
 
 import math
-import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import onnx.inliner
 import onnxruntime as ort
 from google.protobuf.message import DecodeError, Message
 
+from exporters import bench
 from exporters.bench import available_cores
 
 SCORE_CAP_BYTES = 512 * 2**20
@@ -178,6 +178,8 @@ def load(data: bytes, in_shape: tuple[int, int, int], num_classes: int, max_node
                              "ONNX operators are allowed")
         if node.op_type in DENIED_OPS:
             raise GraphError(f"{_node(node)} is not allowed: {DENIED_OPS[node.op_type]}")
+        if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
+            raise GraphError(f"{_node(node)} is not allowed: dropout with a training_mode input is random")
     _check_io(model.graph, in_shape, num_classes)
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -397,14 +399,7 @@ def session(model_or_bytes: onnx.ModelProto | bytes, threads: int, optimize: boo
     Only give it graphs that passed `load`. optimize=False is for probing: no fusions around the extra outputs.
     """
     data = model_or_bytes.SerializeToString() if isinstance(model_or_bytes, onnx.ModelProto) else model_or_bytes
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return bench.session(data, threads, optimize)
 
 
 def score_batch(stats: GraphStats, cap_bytes: int = SCORE_CAP_BYTES) -> int:
@@ -452,14 +447,5 @@ def score(sess: ort.InferenceSession, images_uint8: np.ndarray, labels: np.ndarr
 
 
 def latency_ms(sess: ort.InferenceSession, example: np.ndarray, runs: int, warmup: int) -> float:
-    """Median of `runs` timed session.run calls on a batch-1 example after `warmup` untimed ones; only run()
-    sits inside the timer (the loop of exporters.bench.bench, which takes a path)."""
-    feed = {sess.get_inputs()[0].name: example}
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1000
+    """Median of `runs` timed session.run calls on a batch-1 example after `warmup` untimed ones."""
+    return float(np.median(bench.timed_runs(sess, {sess.get_inputs()[0].name: example}, runs, warmup)))

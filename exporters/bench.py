@@ -39,15 +39,31 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def session(model_path: str | os.PathLike, threads: int) -> ort.InferenceSession:
-    """CPU session with every graph optimisation and a fixed intra-op thread count (0 would mean ORT's guess)."""
+def session(model: str | os.PathLike | bytes, threads: int, optimize: bool = True) -> ort.InferenceSession:
+    """CPU session with every graph optimisation (or none) and a fixed intra-op thread count (0 would mean ORT's
+    guess). A model given as bytes is read from no path."""
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def timed_runs(sess: ort.InferenceSession, feed: dict, runs: int, warmup: int) -> np.ndarray:
+    """Milliseconds of `runs` session.run calls after `warmup` untimed ones; only run() sits inside the timer."""
+    outputs = [o.name for o in sess.get_outputs()]
+    for _ in range(warmup):
+        sess.run(outputs, feed)
+    times = np.empty(runs)
+    for i in range(runs):
+        start = time.perf_counter()
+        sess.run(outputs, feed)
+        times[i] = time.perf_counter() - start
+    return times * 1000
 
 
 def random_input(node, batch: int) -> np.ndarray:
@@ -75,15 +91,7 @@ def bench(model_path: str | os.PathLike, threads: int | None = None, runs: int =
     sess = session(model_path, threads)
     node = sess.get_inputs()[0]
     feed = {node.name: random_input(node, batch)}
-    outputs = [o.name for o in sess.get_outputs()]
-    for _ in range(warmup):
-        sess.run(outputs, feed)
-    times = np.empty(runs)
-    for i in range(runs):
-        start = time.perf_counter()
-        sess.run(outputs, feed)
-        times[i] = time.perf_counter() - start
-    times *= 1000
+    times = timed_runs(sess, feed, runs, warmup)
     p50 = float(np.percentile(times, 50))
     return {
         "model": str(model_path), "p50_ms": p50, "p90_ms": float(np.percentile(times, 90)),

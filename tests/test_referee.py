@@ -240,6 +240,8 @@ def test_refusals():
             "subgraph")
     refused(build([helper.make_node("NonZero", ["flat"], ["where"]), MATMUL]), "NonZero")
     refused(build([helper.make_node("RandomNormalLike", ["flat"], ["noise"]), MATMUL]), "random")
+    training = helper.make_node("Constant", [], ["on"], value=helper.make_tensor("t", TensorProto.BOOL, [], [1]))
+    refused(build([training, helper.make_node("Dropout", ["flat", "", "on"], ["dropped"]), MATMUL]), "training_mode")
     second = helper.make_tensor_value_info("other", TensorProto.FLOAT, ["batch", *SMALL])
     refused(build([MATMUL], inputs=[helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *SMALL]),
                                     second]), "exactly one input")
