@@ -163,21 +163,24 @@ def _folder(cfg: DatasetConfig):
 
 
 def _synthetic(cfg: DatasetConfig):
-    """Learnable random data: each class is a smooth random pattern plus noise."""
+    """Learnable random data: each class is a smooth random pattern (seeded by the config) plus noise drawn from
+    a seed nobody keeps. The images exist only in the cache: a candidate that knows the config and this code
+    cannot regenerate the held-out ones (and their labels) to look them up."""
     g = torch.Generator().manual_seed(cfg.split_seed)
+    noise = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
     c, h, w = cfg.in_shape
     patterns = torch.randn(cfg.num_classes, c, 4, 4, generator=g)
 
     def make(n):
-        labels = torch.arange(n) % cfg.num_classes
+        labels = torch.randperm(n, generator=noise) % cfg.num_classes
         smooth = torch.nn.functional.interpolate(patterns[labels], size=(h, w), mode="bilinear")
-        images = 128 + 50 * smooth + 40 * torch.randn(n, c, h, w, generator=g)
+        images = 128 + 50 * smooth + 40 * torch.randn(n, c, h, w, generator=noise)
         return Split(images.clamp(0, 255).to(torch.uint8), labels)
 
     return make(cfg.synthetic_size), make(max(2, cfg.synthetic_size // 4)), [f"class{i}" for i in range(cfg.num_classes)]
 
 
-SOURCES = {"cifar10": _cifar, "cifar100": _cifar, "imagenette": _folder, "folder": _folder}
+SOURCES = {"cifar10": _cifar, "cifar100": _cifar, "imagenette": _folder, "folder": _folder, "synthetic": _synthetic}
 
 
 # ---------------------------------------------------------------- cache
@@ -198,8 +201,6 @@ def _cache_key(cfg: DatasetConfig) -> str:
 
 
 def _load_raw(cfg: DatasetConfig) -> dict:
-    if cfg.name == "synthetic":  # cheaper to generate than to read back
-        return _to_raw(*_synthetic(cfg))
     path = cache_root(cfg) / "datasets" / f"{cfg.name}-{_cache_key(cfg)}.pt"
     if path.is_file():
         try:

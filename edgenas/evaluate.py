@@ -16,7 +16,7 @@ from edgenas.sandbox import wire
 from edgenas.sandbox.zygote import SandboxError, clean_env
 
 STARTUP_TIMEOUT_S = 900.0  # the first start decodes the dataset into the cache
-MEASURE_MARGIN_S = 300.0  # the trusted side's scoring and latency, on top of the jail's time limit
+MEASURE_MARGIN_S = 120.0  # start-up of a replaced jail and the messages, on top of the two time limits
 
 
 class Evaluator:
@@ -52,7 +52,8 @@ class Evaluator:
         if problem:
             return EvalResult(status=Status.failed, failure=problem, stage="static", stage_seconds={"static": static_s}, **base)
         self.peer.send({"kind": "evaluate", "code": code, "stages": list(stages) if stages else None})
-        reply = self.peer.receive(self.config.eval.timeout_s + MEASURE_MARGIN_S)
+        # the job's time limit, then as long again for the trusted side to measure its graph
+        reply = self.peer.receive(2 * self.config.eval.timeout_s + MEASURE_MARGIN_S)
         self.last_graph = b""
         if reply is None or reply.kind != "record":
             self.start()

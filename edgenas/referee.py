@@ -10,6 +10,9 @@ once on a real image to get exact shapes, then counts parameters, MACs and activ
 from __future__ import annotations
 
 import math
+import os
+import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -76,6 +79,30 @@ FLOAT_OUTPUTS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPr
 
 class GraphError(ValueError):
     """A graph the referee refuses; the message is one line an LLM can act on."""
+
+
+class TooSlow(GraphError):
+    """Running the graph went past the deadline it was given: it was stopped, not waited for."""
+
+
+def _run(sess: ort.InferenceSession, outputs, feed: dict, deadline: float | None):
+    """session.run, stopped by onnxruntime itself (RunOptions.terminate, set from a timer) at `deadline`."""
+    if deadline is None:
+        return sess.run(outputs, feed)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TooSlow("the model is too slow: measuring it went past the time limit")
+    options = ort.RunOptions()
+    timer = threading.Timer(remaining, lambda: setattr(options, "terminate", True))
+    timer.start()
+    try:
+        return sess.run(outputs, feed, options)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        if options.terminate:
+            raise TooSlow("the model is too slow: measuring it went past the time limit") from e
+        raise
+    finally:
+        timer.cancel()
 
 
 def _clean(text: str) -> str:
@@ -320,7 +347,7 @@ def _static_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def _probe(model: onnx.ModelProto, probe: np.ndarray) -> dict[str, np.ndarray]:
+def _probe(model: onnx.ModelProto, probe: np.ndarray, deadline: float | None) -> dict[str, np.ndarray]:
     """Every node output's value on one image: a copy of the graph with each of them made a graph output
     (onnxruntime accepts outputs without type information, so no shape inference is needed)."""
     probed = onnx.ModelProto()
@@ -330,13 +357,16 @@ def _probe(model: onnx.ModelProto, probe: np.ndarray) -> dict[str, np.ndarray]:
     probed.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
     try:
         sess = session(probed, available_cores(), optimize=False)
-        values = sess.run(None, {model.graph.input[0].name: probe})
+        values = _run(sess, None, {model.graph.input[0].name: probe}, deadline)
+    except TooSlow:
+        raise
     except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
         raise GraphError(f"onnxruntime cannot run the graph on a validation image: {_first_line(e)}") from e
     return {o.name: v for o, v in zip(sess.get_outputs(), values, strict=True)}
 
 
-def inspect(model: onnx.ModelProto, probe: np.ndarray, max_bytes: int = PROBE_CAP_BYTES) -> GraphStats:
+def inspect(model: onnx.ModelProto, probe: np.ndarray, max_bytes: int = PROBE_CAP_BYTES,
+            deadline: float | None = None) -> GraphStats:
     """Params, weight bytes, MACs and activation bytes of a graph from `load`, from one run on `probe` (one real
     normalised image, float32 (1, C, H, W)), which gives every intermediate shape exactly.
 
@@ -354,7 +384,7 @@ def inspect(model: onnx.ModelProto, probe: np.ndarray, max_bytes: int = PROBE_CA
     if needed > max_bytes:
         raise GraphError(f"the graph's tensors take {needed / 2**30:.1f} GiB for one image, more than the limit of "
                          f"{max_bytes / 2**30:.1f} GiB")
-    values = _probe(model, probe)
+    values = _probe(model, probe, deadline)
     num_classes = graph.output[0].type.tensor_type.shape.dim[1].dim_value
     logits = values[graph.output[0].name]
     if logits.shape != (1, num_classes):
@@ -415,22 +445,28 @@ def normalize(images_uint8: np.ndarray, mean, std) -> np.ndarray:
 
 
 def score(sess: ort.InferenceSession, images_uint8: np.ndarray, labels: np.ndarray, mean, std,
-          batch_size: int) -> tuple[float, float]:
+          batch_size: int, deadline: float | None = None) -> tuple[float, float]:
     """(accuracy in 0..1, mean cross-entropy) on uint8 images (N, C, H, W) normalised as (x/255 - mean)/std.
 
-    The log-softmax is taken in float64. Logits of the wrong shape or NaN/inf logits are a GraphError.
+    Images go in, in batches, in a fresh secret order, so a graph cannot tell which image sits at which position
+    of a batch (one that knows the labels in their stored order would otherwise just output them). Per-image
+    losses are summed in the stored order, so the result does not depend on the shuffle. The log-softmax is taken
+    in float64. Logits of the wrong shape or NaN/inf logits are a GraphError; past `deadline`, TooSlow.
     """
     if len(images_uint8) == 0 or len(images_uint8) != len(labels):
         raise ValueError(f"need one label per image, at least one: {len(images_uint8)} images, {len(labels)} labels")
     name, output = sess.get_inputs()[0].name, sess.get_outputs()[0]
     num_classes = output.shape[1]
     labels = np.asarray(labels, np.int64)
-    correct, loss = 0, 0.0
+    order = np.random.default_rng(int.from_bytes(os.urandom(8), "little")).permutation(len(labels))
+    losses, hits = np.empty(len(labels)), np.empty(len(labels), dtype=bool)
     for start in range(0, len(labels), batch_size):
-        x = normalize(images_uint8[start : start + batch_size], mean, std)
-        y = labels[start : start + batch_size]
+        pick = order[start : start + batch_size]
+        x, y = normalize(images_uint8[pick], mean, std), labels[pick]
         try:
-            logits = sess.run([output.name], {name: x})[0]
+            logits = _run(sess, [output.name], {name: x}, deadline)[0]
+        except TooSlow:
+            raise
         except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
             raise GraphError(f"onnxruntime failed on validation images: {_first_line(e)}") from e
         if logits.shape != (len(y), num_classes):
@@ -441,11 +477,13 @@ def score(sess: ort.InferenceSession, images_uint8: np.ndarray, labels: np.ndarr
         z = logits.astype(np.float64)
         z -= z.max(axis=1, keepdims=True)
         log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-        loss -= float(log_p[np.arange(len(y)), y].sum())
-        correct += int((z.argmax(axis=1) == y).sum())
-    return correct / len(labels), loss / len(labels)
+        losses[pick] = -log_p[np.arange(len(y)), y]
+        hits[pick] = z.argmax(axis=1) == y
+    return float(hits.mean()), float(losses.sum()) / len(labels)
 
 
-def latency_ms(sess: ort.InferenceSession, example: np.ndarray, runs: int, warmup: int) -> float:
-    """Median of `runs` timed session.run calls on a batch-1 example after `warmup` untimed ones."""
-    return float(np.median(bench.timed_runs(sess, {sess.get_inputs()[0].name: example}, runs, warmup)))
+def latency_ms(sess: ort.InferenceSession, example: np.ndarray, runs: int, warmup: int,
+               deadline: float | None = None) -> float:
+    """Median of `runs` timed session.run calls on a batch-1 example after `warmup` untimed ones (fewer when
+    `deadline` comes first; at least one)."""
+    return float(np.median(bench.timed_runs(sess, {sess.get_inputs()[0].name: example}, runs, warmup, deadline)))

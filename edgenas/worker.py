@@ -19,7 +19,7 @@ import time
 from edgenas import referee
 from edgenas.config import BudgetConfig, Config
 from edgenas.records import FailureKind
-from edgenas.sandbox import messages, wire
+from edgenas.sandbox import jail, messages, wire
 from edgenas.sandbox.zygote import JailClient, Limits
 
 SCORE_MEMORY_BYTES = 512 << 20  # activations of one scoring batch
@@ -83,6 +83,9 @@ class TrustedWorker:
         self.mean, self.std = self.info["mean"], self.info["std"]
         self.probe = referee.normalize(self.val_images[:1], self.mean, self.std)  # the shape probe: a real image
         self.cores = len(os.sched_getaffinity(0))
+        # graphs are hostile data too: whatever one makes onnxruntime allocate here stays under the candidate's cap
+        self.memory_bytes = self.config.eval.memory_limit_mb << 20
+        jail.cap_address_space(self.memory_bytes + SCORE_MEMORY_BYTES)
 
     def describe(self) -> dict:
         return {**self.info, "val_images": len(self.val_labels)}
@@ -99,9 +102,6 @@ class TrustedWorker:
             state["stage"], state["since"] = stage, now
 
         def on_message(header: dict, payload: bytes):
-            if header.get("kind") == "isolation":
-                out["isolation"] = header["layers"]
-                return None
             try:
                 message = messages.parse(header)
             except ValueError as e:
@@ -123,7 +123,7 @@ class TrustedWorker:
         report = self.jail.run({"code": code, "stages": stages}, on_message)
         stage = state["stage"]
         tick(None)
-        out["output_tail"] = report.get("output_tail", "")[-1000:]
+        out.update(isolation=report.get("isolation", []), output_tail=report.get("output_tail", "")[-1000:])
         result = state["result"]
         if state["failure"]:
             return self._failed(out, *state["failure"], stage=state["failed_stage"]), b""
@@ -135,15 +135,15 @@ class TrustedWorker:
             if error and kind is FailureKind.crashed and not report.get("setup_error"):
                 message = f"the candidate process ended without a result during {stage}: {error}"
             return self._failed(out, kind, message, stage=stage), b""
-        out.update(constructor=result.constructor, train_loss_first=result.train_loss_first,
-                   train_loss_last=result.train_loss_last, train_seconds=result.train_seconds,
-                   train_images=result.train_images)
         if "params" not in out:
             return self._failed(out, FailureKind.crashed, "the candidate reported success without a graph", stage=stage), b""
+        out["constructor"] = result.constructor
         if stages and "train" not in stages:  # a profile-only run: measured on the untrained graph
             return {**out, "status": "ok", "stage": result.stage}, b""
         if not state["graph"]:
             return self._failed(out, FailureKind.crashed, "the candidate reported success without a trained graph", stage="train"), b""
+        out.update(train_loss_first=result.train_loss_first, train_loss_last=result.train_loss_last,
+                   train_seconds=result.train_seconds, train_images=result.train_images)
         problem = self._measure(state["graph"], out) or self._score(state["graph"], out)
         if problem:
             return self._failed(out, *problem, stage="validate"), b""
@@ -154,7 +154,10 @@ class TrustedWorker:
         """Params, MACs and the training-memory estimate from a graph, then the budgets."""
         try:
             model = referee.load(graph, tuple(self.info["in_shape"]), self.info["num_classes"])
-            stats = referee.inspect(model, self.probe)
+            stats = referee.inspect(model, self.probe, max_bytes=self.memory_bytes,
+                                    deadline=time.monotonic() + self.config.eval.timeout_s)
+        except referee.TooSlow as e:
+            return FailureKind.timeout, str(e)
         except referee.GraphError as e:
             return FailureKind.export, str(e)
         out.update(params=stats.params, weight_bytes=stats.weight_bytes, macs=stats.macs,
@@ -167,17 +170,20 @@ class TrustedWorker:
     def _score(self, graph: bytes, out: dict) -> tuple[FailureKind, str] | None:
         """Validation accuracy and loss with every core, then batch-1 latency on `eval.latency_threads`."""
         ev = self.config.eval
+        deadline = time.monotonic() + ev.timeout_s  # the graph gets as long to be measured as the job had to train
         try:
             start = time.perf_counter()
             session = referee.session(graph, self.cores)
             batch = referee.score_batch(self._stats, SCORE_MEMORY_BYTES)
             out["val_accuracy"], out["val_loss"] = referee.score(session, self.val_images, self.val_labels,
-                                                                 self.mean, self.std, batch)
+                                                                 self.mean, self.std, batch, deadline)
             out["stage_seconds"]["validate"] = round(time.perf_counter() - start, 4)
             start = time.perf_counter()
             out["latency_ms"] = round(referee.latency_ms(referee.session(graph, ev.latency_threads), self.probe,
-                                                         runs=ev.latency_runs, warmup=5), 4)
+                                                         runs=ev.latency_runs, warmup=5, deadline=deadline), 4)
             out["stage_seconds"]["latency"] = round(time.perf_counter() - start, 4)
+        except referee.TooSlow as e:
+            return FailureKind.timeout, str(e)
         except referee.GraphError as e:
             return FailureKind.nan if "NaN" in str(e) else FailureKind.export, str(e)
         return None
@@ -205,8 +211,6 @@ def main() -> None:
         elif frame.kind == "evaluate" and worker is not None:
             record, graph = worker.evaluate(frame.header["code"], frame.header.get("stages"))
             channel.send({"kind": "record", "record": record}, graph)
-
-    from edgenas.sandbox import jail
 
     jail.die_with_parent()
     try:

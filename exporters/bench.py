@@ -53,17 +53,24 @@ def session(model: str | os.PathLike | bytes, threads: int, optimize: bool = Tru
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def timed_runs(sess: ort.InferenceSession, feed: dict, runs: int, warmup: int) -> np.ndarray:
-    """Milliseconds of `runs` session.run calls after `warmup` untimed ones; only run() sits inside the timer."""
+def timed_runs(sess: ort.InferenceSession, feed: dict, runs: int, warmup: int,
+               deadline: float | None = None) -> np.ndarray:
+    """Milliseconds of `runs` session.run calls after `warmup` untimed ones; only run() sits inside the timer.
+    Past `deadline` (time.monotonic), no new run starts: fewer times come back, at least one."""
     outputs = [o.name for o in sess.get_outputs()]
+    past = (lambda: False) if deadline is None else (lambda: time.monotonic() > deadline)
     for _ in range(warmup):
+        if past():
+            break
         sess.run(outputs, feed)
-    times = np.empty(runs)
-    for i in range(runs):
+    times = []
+    for _ in range(runs):
         start = time.perf_counter()
         sess.run(outputs, feed)
-        times[i] = time.perf_counter() - start
-    return times * 1000
+        times.append(time.perf_counter() - start)
+        if past():
+            break
+    return np.array(times) * 1000
 
 
 def random_input(node, batch: int) -> np.ndarray:

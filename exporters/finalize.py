@@ -222,8 +222,6 @@ def _train_seed(jail, candidate, seed: int, out_dir: Path, reference: dict, on_p
     got: dict = {"graph": b"", "weights": b"", "result": None, "bad": None}
 
     def on_message(header: dict, payload: bytes):
-        if header.get("kind") == "isolation":
-            return None
         try:
             message = messages.parse(header)
         except ValueError as e:

@@ -34,7 +34,8 @@ WORKDIR = "/job"  # the job's writable tmpfs, its cwd, HOME and TMPDIR
 REQUIRED = ("pid_namespace", "mount_namespace", "private_root", "network_namespace", "unprivileged_uid",
             "no_capabilities", "no_new_privs")
 # refused with EPERM: leaving or making namespaces, mounts, other processes' memory, kernel state, process
-# creation (threads are fine), and io_uring, whose operations bypass this filter
+# creation (threads are fine), io_uring (its operations bypass this filter), and memory the address-space cap does
+# not count (memfd and SysV shared memory that is written but not mapped; memfd is also a way to load native code)
 DENIED = (
     "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "mount_setattr", "move_mount", "open_tree",
     "fsopen", "fsconfig", "fsmount", "fspick", "fork", "vfork", "execve", "execveat", "setsid", "setpgid",
@@ -43,7 +44,8 @@ DENIED = (
     "acct", "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "sethostname", "setdomainname", "iopl",
     "ioperm", "syslog", "quotactl", "quotactl_fd", "lookup_dcookie", "vhangup", "add_key", "request_key", "keyctl",
     "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register",
-    "open_by_handle_at", "name_to_handle_at", "fanotify_init", "personality", "seccomp_unotify",
+    "open_by_handle_at", "name_to_handle_at", "fanotify_init", "personality", "memfd_create", "memfd_secret",
+    "shmget", "shmat", "msgget", "semget",
 )
 
 
@@ -199,13 +201,18 @@ def _limit(memory_bytes: int | None) -> None:
         threads = 4 * (os.cpu_count() or 1) + 64
         resource.setrlimit(resource.RLIMIT_NPROC, (threads, threads))
     if memory_bytes is not None:
-        with open("/proc/self/status") as f:
-            mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-        cap = mapped + memory_bytes
-        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        if hard != resource.RLIM_INFINITY:
-            cap = min(cap, hard)  # an inherited limit (ulimit -v) cannot be raised
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        cap_address_space(memory_bytes)
+
+
+def cap_address_space(extra_bytes: int) -> None:
+    """RLIMIT_AS at what this process has mapped now plus `extra_bytes` (never above an inherited limit)."""
+    with open("/proc/self/status") as f:
+        mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    cap = mapped + extra_bytes
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)  # an inherited limit (ulimit -v) cannot be raised
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
 
 def _filter_syscalls() -> None:

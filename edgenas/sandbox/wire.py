@@ -66,8 +66,8 @@ class Reader:
                 break
             try:
                 header = json.loads(bytes(self.buffer[PREFIX.size : PREFIX.size + head]))
-            except (UnicodeDecodeError, ValueError) as e:
-                raise WireError(f"a frame header is not JSON ({e})") from None
+            except (ValueError, RecursionError) as e:  # RecursionError: '[' nested a hundred thousand deep
+                raise WireError(f"a frame header is not JSON ({type(e).__name__})") from None
             if not isinstance(header, dict):
                 raise WireError("a frame header is not a JSON object")
             frames.append(Frame(header, bytes(self.buffer[PREFIX.size + head : end])))
@@ -133,9 +133,15 @@ class Peer(Channel):
         lines = self.log.read().decode(errors="replace").strip().splitlines()
         return lines[-1] if lines else ""
 
-    def close(self) -> None:
+    def close(self, grace_s: float = 5.0) -> None:
+        """End of input first, so it can tidy up (the worker closes its jail); then the whole group is killed."""
         import signal
 
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(grace_s)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:

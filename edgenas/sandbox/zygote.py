@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import os
 import selectors
-import shutil
 import signal
 import tempfile
 import time
@@ -62,8 +61,10 @@ class JailClient:
 
     def start(self) -> dict:
         self.close()
+        self.mount_point = tempfile.mkdtemp(prefix="edgenas-jail-")  # stays empty here; jobs mount over it privately
         self.peer = wire.Peer("edgenas.sandbox.zygote", clean_env())
-        self.peer.send({"kind": "init", "worker": self.worker, "init": self.init, "limits": asdict(self.limits)})
+        self.peer.send({"kind": "init", "worker": self.worker, "init": self.init, "limits": asdict(self.limits),
+                        "mount_point": self.mount_point})
         reply = self.peer.receive(self.startup_timeout_s)
         if reply is None or reply.kind != "ready":
             message = (reply.header.get("message") if reply else None) or self.peer.last_error_line()
@@ -73,9 +74,10 @@ class JailClient:
         return self.info
 
     def run(self, job: dict, on_message, payload: bytes = b"") -> dict:
-        """Run one job; `on_message(header, payload)` sees each of its frames and may return "cancel".
+        """Run one job; `on_message(header, payload)` sees each frame the job sent and may return "cancel".
 
-        Returns the zygote's exit report; a zygote that died or wedged is replaced and reported as `zygote_lost`.
+        Returns the zygote's exit report (the verified `isolation` layers among it: never from a job's frame); a
+        zygote that died or wedged is replaced and reported as `zygote_lost`.
         """
         if self.peer is None or self.peer.proc.poll() is not None:
             self.start()
@@ -84,9 +86,7 @@ class JailClient:
         while (frame := self.peer.receive(max(1.0, deadline - time.monotonic()))) is not None:
             if frame.kind == "exit":
                 return frame.header
-            if frame.kind == "isolation":
-                on_message(frame.header, b"")
-            elif frame.kind == "job" and on_message(frame.header["message"], frame.payload) == "cancel":
+            if frame.kind == "job" and on_message(frame.header["message"], frame.payload) == "cancel":
                 self.peer.send({"kind": "cancel"})
         self.start()
         return {"kind": "exit", "zygote_lost": True, "output_tail": ""}
@@ -95,6 +95,7 @@ class JailClient:
         if self.peer is not None:
             self.peer.close()
             self.peer = None
+            os.rmdir(self.mount_point)
 
     def __enter__(self):
         self.start()
@@ -108,9 +109,8 @@ class JailClient:
 
 
 class Zygote:
-    def __init__(self, worker, limits: Limits):
-        self.worker, self.limits = worker, limits
-        self.mount_point = tempfile.mkdtemp(prefix="edgenas-jail-")  # stays empty here; jobs mount over it privately
+    def __init__(self, worker, limits: Limits, mount_point: str):
+        self.worker, self.limits, self.mount_point = worker, limits, mount_point
 
     def probe(self) -> list[str]:
         """Run an empty job through every layer; refuse to go on without isolation unless told to."""
@@ -273,7 +273,6 @@ class Zygote:
                                     break
                                 os.write(pipes["go"][1], b"g")
                                 released = True
-                                send({"kind": "isolation", "layers": report["isolation"]}, b"")
                             else:
                                 send({"kind": "job", "message": frame.header}, frame.payload)
                         frames.pending.clear()
@@ -308,7 +307,7 @@ def main() -> None:
             try:
                 module, _, name = frame.header["worker"].partition(":")
                 worker = getattr(importlib.import_module(module), name)(frame.header["init"])
-                zygote = Zygote(worker, Limits(**frame.header["limits"]))
+                zygote = Zygote(worker, Limits(**frame.header["limits"]), frame.header["mount_point"])
                 info = {**worker.info(), "isolation": zygote.probe()}
             except Exception as e:  # noqa: BLE001 - reported to the host as one line
                 channel.send({"kind": "error", "message": str(e).splitlines()[0] if str(e) else type(e).__name__})
@@ -317,11 +316,7 @@ def main() -> None:
         elif frame.kind == "run" and zygote is not None:
             channel.send(zygote.run(frame.header["job"], frame.payload, channel.send, channel))
 
-    try:
-        wire.serve(handle)
-    finally:
-        if zygote is not None:
-            shutil.rmtree(zygote.mount_point, ignore_errors=True)
+    wire.serve(handle)
 
 
 if __name__ == "__main__":
