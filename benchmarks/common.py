@@ -183,14 +183,14 @@ def machine_info() -> dict:
     import torch
     import torchvision
 
-    dirty = _git("status", "--porcelain", "--", "edgenas")
+    dirty = _git("status", "--porcelain")
     return {
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
         "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(), "platform": platform.platform(),
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_edgenas_dirty": None if dirty is None else [line[3:] for line in dirty.splitlines()],
+        "git_dirty": None if dirty is None else [line[3:] for line in dirty.splitlines()],  # the whole tree
         "load_average_start": os.getloadavg(),
     }
 

@@ -60,3 +60,30 @@ def write_cifar100(root: Path, n_train: int = 300, n_test: int = 100) -> Path:
         (folder / name).write_bytes(pickle.dumps(data))
     (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"c{i}" for i in range(100)]}))
     return root
+
+
+@pytest.fixture()
+def listener():
+    """A TCP server on loopback that records connections: (port, hits). Sandbox tests assert none arrive."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(0.2)
+    hits, stop = [], threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                hits.append(server.accept())
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1], hits
+    stop.set()
+    thread.join()
+    server.close()

@@ -20,18 +20,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
+import pyseccomp
 import pytest
-
-try:
-    import pyseccomp
-except ImportError:  # the refusal tests skip without it
-    pyseccomp = None
 
 from edgenas.config import load_config
 from edgenas.evaluate import Evaluator
@@ -222,30 +217,6 @@ def nothing_outside():
     if ev is not None and ev.peer is not None and ev.peer.proc.poll() is None:
         assert _children(_zygote(ev)) == [], "a jailed job or its leader outlived the evaluation"
     assert shutil.disk_usage("/tmp").free > tmp_free - (512 << 20), "the host's disk filled up"  # others share it
-
-
-@pytest.fixture()
-def listener():
-    """A TCP server on loopback that records connections; none may arrive."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-    server.settimeout(0.2)
-    hits, stop = [], threading.Event()
-
-    def accept():
-        while not stop.is_set():
-            try:
-                hits.append(server.accept())
-            except OSError:
-                pass
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield server.getsockname()[1], hits
-    stop.set()
-    thread.join()
-    server.close()
 
 
 def assert_still_works(evaluator):
@@ -1216,8 +1187,6 @@ CLI_ARGS = ["--dataset", "synthetic", "--set", "dataset.num_classes=4", "--set",
 
 
 def test_refuses_without_namespaces():
-    if pyseccomp is None:
-        pytest.skip("pyseccomp is not installed")
     proc = _cli("evaluate", PROGRAMS / "good_cnn.py", *CLI_ARGS, preexec_fn=_no_unshare)
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     lines = proc.stderr.strip().splitlines()
@@ -1226,8 +1195,6 @@ def test_refuses_without_namespaces():
 
 
 def test_allow_unconfined_runs_without_namespaces():
-    if pyseccomp is None:
-        pytest.skip("pyseccomp is not installed")
     proc = _cli("evaluate", PROGRAMS / "good_cnn.py", *CLI_ARGS, "--set", "eval.allow_unconfined=true",
                 preexec_fn=_no_unshare)
     assert proc.returncode == 0, proc.stderr

@@ -1,8 +1,6 @@
 """Hostile candidates: each must come back as the right failure kind with nothing escaping."""
 
 import os
-import socket
-import threading
 from pathlib import Path
 
 import pytest
@@ -43,31 +41,6 @@ def evaluator():
     with Evaluator(cfg) as ev:
         yield ev
     del os.environ["OPENAI_API_KEY"]
-
-
-@pytest.fixture()
-def listener():
-    """A TCP server on loopback that counts connections; none may arrive."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-    server.settimeout(0.2)
-    hits = []
-
-    def accept():
-        while not stop.is_set():
-            try:
-                hits.append(server.accept())
-            except OSError:
-                pass
-
-    stop = threading.Event()
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield server.getsockname()[1], hits
-    stop.set()
-    thread.join()
-    server.close()
 
 
 def check(evaluator, code, kind, words="", stage=None):
