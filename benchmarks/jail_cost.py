@@ -43,7 +43,7 @@ def main() -> None:
     times = {"plain fork": [], "jailed job": []}
     layers = []
     try:
-        for _, timed in rounds(args.warmup, args.repeats, log=lambda *a: None):
+        for _, timed in rounds(args.warmup, args.repeats, log=lambda *a, **k: None):
             start = time.perf_counter()
             pid = os.fork()
             if pid == 0:
