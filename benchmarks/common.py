@@ -183,14 +183,15 @@ def machine_info() -> dict:
     import torch
     import torchvision
 
-    dirty = _git("status", "--porcelain")
+    dirty = _git("status", "--porcelain", "--", ".", ":!benchmarks/results")
     return {
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
         "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(), "platform": platform.platform(),
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": None if dirty is None else [line[3:] for line in dirty.splitlines()],  # the whole tree
+        # every uncommitted path of the tree but the results themselves
+        "git_dirty": None if dirty is None else [line.split(maxsplit=1)[1] for line in dirty.splitlines()],
         "load_average_start": os.getloadavg(),
     }
 

@@ -84,8 +84,9 @@ class TrustedWorker:
         self.probe = referee.normalize(self.val_images[:1], self.mean, self.std)  # the shape probe: a real image
         self.cores = len(os.sched_getaffinity(0))
         # graphs are hostile data too: whatever one makes onnxruntime allocate here stays under the candidate's cap
+        # (a soft limit: a jail zygote started from here later lifts it for itself)
         self.memory_bytes = self.config.eval.memory_limit_mb << 20
-        jail.cap_address_space(self.memory_bytes + SCORE_MEMORY_BYTES)
+        jail.cap_address_space(self.memory_bytes + SCORE_MEMORY_BYTES, soft_only=True)
 
     def describe(self) -> dict:
         return {**self.info, "val_images": len(self.val_labels)}
@@ -93,7 +94,8 @@ class TrustedWorker:
     def evaluate(self, code: str, stages: list[str] | None = None, send_progress=None) -> tuple[dict, bytes]:
         """One candidate -> (record fields, trained ONNX graph or b"")."""
         out = {"device": self.info["device"], "dataset": self.info["dataset"], "stage_seconds": {}}
-        state = {"stage": None, "since": time.perf_counter(), "failure": None, "result": None, "graph": b""}
+        state = {"stage": None, "since": time.perf_counter(), "failure": None, "result": None, "graph": b"",
+                 "graphs": set()}
 
         def tick(stage: str | None) -> None:
             now = time.perf_counter()
@@ -102,14 +104,22 @@ class TrustedWorker:
             state["stage"], state["since"] = stage, now
 
         def on_message(header: dict, payload: bytes):
+            if state["failure"]:
+                return "cancel"
             try:
                 message = messages.parse(header)
+                if isinstance(message, messages.Graph) and message.trained in state["graphs"]:
+                    raise ValueError("the job sent a second graph of the same kind")  # each costs trusted work
+                if isinstance(message, messages.Result | messages.Error) and state["result"] is not None:
+                    raise ValueError("the job sent a second result")
             except ValueError as e:
                 state["failure"], state["failed_stage"] = (FailureKind.crashed, str(e)), state["stage"]
                 return "cancel"
             if isinstance(message, messages.Stage):
                 tick(message.stage)
-            elif isinstance(message, messages.Graph) and not message.trained:
+            elif isinstance(message, messages.Graph):
+                state["graphs"].add(message.trained)
+            if isinstance(message, messages.Graph) and not message.trained:
                 problem = self._measure(payload, out)
                 if problem:
                     state["failure"], state["failed_stage"] = problem, "profile"

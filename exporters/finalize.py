@@ -209,25 +209,34 @@ def finalize(run_dir, top: int = 3, ids: list[int] | None = None, epochs: int = 
         for candidate in chosen:
             out_dir = run_dir / "final" / f"{candidate.iteration:05d}"
             out_dir.mkdir(parents=True, exist_ok=True)
-            seed_results = [_train_seed(jail, candidate, seed, out_dir, reference, on_progress) for seed in seeds]
+            seed_results = [_train_seed(jail, candidate, seed, epochs, out_dir, reference, on_progress) for seed in seeds]
             cards.append(_measure_and_card(candidate, seed_results, out_dir, config, jail.info, reference))
     return cards
 
 
-def _train_seed(jail, candidate, seed: int, out_dir: Path, reference: dict, on_progress) -> dict:
+def _train_seed(jail, candidate, seed: int, epochs: int, out_dir: Path, reference: dict, on_progress) -> dict:
     done = read_regular(out_dir / f"seed{seed}.json", 1 << 20)
     if done is not None:  # finished in an earlier, interrupted finalize
         return json.loads(done)
     checkpoint_path = out_dir / f"seed{seed}.ckpt"
-    got: dict = {"graph": b"", "weights": b"", "result": None, "bad": None}
+    got: dict = {"graph": b"", "weights": b"", "result": None, "bad": None, "seen": set(), "epoch": 0}
 
     def on_message(header: dict, payload: bytes):
+        if got["bad"]:
+            return "cancel"  # the first broken message is the one reported
         try:
             message = messages.parse(header)
+            once = isinstance(message, messages.Graph | messages.Weights | messages.Result) and type(message)
+            if once and once in got["seen"]:
+                raise ValueError(f"the job sent a second '{message.kind}' message")
+            if isinstance(message, messages.Checkpoint) and not got["epoch"] < message.epoch <= epochs:
+                raise ValueError(f"the job sent a checkpoint for epoch {message.epoch} after {got['epoch']} of {epochs}")
         except ValueError as e:
             got["bad"] = str(e)
             return "cancel"
+        got["seen"].add(once)
         if isinstance(message, messages.Checkpoint):
+            got["epoch"] = message.epoch
             publish(checkpoint_path, payload)
         elif isinstance(message, messages.Progress) and on_progress:
             on_progress(candidate.iteration, {"seed": seed, "epoch": message.epoch, "epochs": message.epochs,

@@ -770,6 +770,26 @@ for fd in _pipes(os_, sys_):
         f"the record's isolation list is the job's claim: {result.isolation} (record {result.status.value})")
 
 
+def test_graph_frames_over_and_over(evaluator):
+    """Every untrained graph costs the trusted side a measurement: the job may send one of each kind, no more."""
+    code = candidate('''
+os_, sys_, ct, libc = _neuter()
+model = nn.Sequential(nn.Flatten(), nn.Linear(768, 4))
+graph = sys_.modules['exporters.onnx_export'].graph_bytes(model, (3, 16, 16))
+for fd in _pipes(os_, sys_):
+    try:
+        for _ in range(50):
+            os_.write(fd, _frame(sys_, {'kind': 'graph', 'trained': False}, graph))
+    except OSError:
+        pass
+sys_.modules['time'].sleep(5)
+_report('not stopped')
+''')
+    result, elapsed = run(evaluator, code)
+    assert result.failure.kind is FailureKind.crashed and "second graph" in result.failure.message, result.failure
+    assert elapsed < 5 + TIMEOUT_S and result.val_accuracy is None
+
+
 def test_forged_ok_result_without_graphs(evaluator):
     code = candidate('''
 os_, sys_, ct, libc = _neuter()

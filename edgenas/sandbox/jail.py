@@ -204,15 +204,25 @@ def _limit(memory_bytes: int | None) -> None:
         cap_address_space(memory_bytes)
 
 
-def cap_address_space(extra_bytes: int) -> None:
-    """RLIMIT_AS at what this process has mapped now plus `extra_bytes` (never above an inherited limit)."""
+def cap_address_space(extra_bytes: int, soft_only: bool = False) -> None:
+    """RLIMIT_AS at what this process has mapped now plus `extra_bytes` (never above an inherited hard limit).
+
+    soft_only leaves the hard limit alone, so a child of ours may lift the cap for itself (see lift_soft_limit).
+    """
     with open("/proc/self/status") as f:
         mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
     cap = mapped + extra_bytes
     hard = resource.getrlimit(resource.RLIMIT_AS)[1]
     if hard != resource.RLIM_INFINITY:
         cap = min(cap, hard)  # an inherited limit (ulimit -v) cannot be raised
-    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard if soft_only else cap))
+
+
+def lift_soft_limit() -> None:
+    """Back to the hard address-space limit: the trusted worker's own soft cap is not the jail's (its jobs set
+    theirs; a CUDA job maps far more address space than it uses)."""
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
 
 
 def _filter_syscalls() -> None:

@@ -299,6 +299,7 @@ def _kill_group(pid: int) -> None:
 
 def main() -> None:
     jail.die_with_parent()
+    jail.lift_soft_limit()
     zygote = None
 
     def handle(frame: wire.Frame, channel: wire.Channel) -> None:
