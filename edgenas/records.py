@@ -69,7 +69,9 @@ class EvalResult(Record):
     device: str = "cpu"
     dataset: str = ""
     constructor: str | None = None  # which Net(...) form the evaluator used
-    isolation: list[str] = []
+    isolation: list[str] = []  # the jail's layers, as the zygote read them from /proc before the job ran
+    memory_cap_bytes: int | None = None  # the job's address-space cap (None: none, e.g. on CUDA)
+    memory_cap_source: str | None = None  # "eval.memory_limit_mb", or "inherited limit" when a ulimit -v was lower
     stage_seconds: dict[str, float] = {}
     output_tail: str = ""
 

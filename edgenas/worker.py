@@ -133,7 +133,10 @@ class TrustedWorker:
         report = self.jail.run({"code": code, "stages": stages}, on_message)
         stage = state["stage"]
         tick(None)
-        out.update(isolation=report.get("isolation", []), output_tail=report.get("output_tail", "")[-1000:])
+        out.update(isolation=report.get("isolation", []), output_tail=report.get("output_tail", "")[-1000:],
+                   memory_cap_bytes=report.get("memory_cap_bytes"), memory_cap_source=(
+                       None if report.get("memory_cap_bytes") is None else
+                       "inherited limit" if report.get("memory_cap_inherited") else "eval.memory_limit_mb"))
         result = state["result"]
         if state["failure"]:
             return self._failed(out, *state["failure"], stage=state["failed_stage"]), b""

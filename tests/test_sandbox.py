@@ -179,3 +179,26 @@ def test_evaluator_survives_all_of_it(evaluator):
 def test_ctypes_is_forbidden_for_candidate_code(evaluator):
     body = f"{SYS}.modules['importlib'].import_module('ctypes').c_int.from_address(id(self))"
     check(evaluator, net(body=body), FailureKind.forbidden, "ctypes")
+
+
+def test_an_inherited_address_space_limit_is_the_cap_and_the_record_says_so(evaluator):
+    """Under `ulimit -v` (common on shared clusters) a candidate still runs: capped at the lower limit, named."""
+    import json
+    import resource
+    import subprocess
+    import sys
+
+    limit = 10 << 30  # below what torch's mappings plus eval.memory_limit_mb (8 GiB by default) would ask for
+
+    def ulimit_v():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    proc = subprocess.run([sys.executable, "-m", "edgenas.cli", "evaluate", str(PACKAGE.parent / "tests" / "programs"
+                           / "good_cnn.py"), "--dataset", "synthetic", "--set", "dataset.in_shape=[3,16,16]",
+                           "--set", "dataset.synthetic_size=200", "--val-size", "40", "--json"],
+                          capture_output=True, text=True, preexec_fn=ulimit_v, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["status"] == "ok" and record["memory_cap_bytes"] == limit, record
+    assert record["memory_cap_source"] == "inherited limit"
+    assert evaluator.evaluate(program("good_cnn.py")).memory_cap_source == "eval.memory_limit_mb"

@@ -255,6 +255,16 @@ def _status(pid: int) -> dict[str, str]:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
+def memory_cap(pid: int) -> tuple[int | None, bool]:
+    """(the job's address-space cap in bytes or None, whether it is a limit this process inherited rather than
+    eval.memory_limit_mb: a `ulimit -v` lower than the configured cap wins)."""
+    with open(f"/proc/{pid}/limits") as f:
+        fields = next((line.split() for line in f if line.startswith("Max address space")), [])
+    cap = int(fields[3]) if len(fields) > 3 and fields[3].isdigit() else None
+    inherited = resource.getrlimit(resource.RLIMIT_AS)[1]
+    return cap, cap is not None and inherited != resource.RLIM_INFINITY and cap == inherited
+
+
 def verify(pid: int) -> list[str]:
     """The layers a running job really has, read by its parent from the kernel's view of it."""
     layers = []

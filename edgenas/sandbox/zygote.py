@@ -267,6 +267,7 @@ class Zygote:
                                     report["setup_error"] = str(frame.header.get("message", "no ready message"))[-500:]
                                     break
                                 report["isolation"] = jail.verify(job_pid)
+                                report["memory_cap_bytes"], report["memory_cap_inherited"] = jail.memory_cap(job_pid)
                                 missing = [x for x in jail.REQUIRED if x not in report["isolation"]]
                                 if missing and not limits.allow_unconfined:
                                     report["setup_error"] = f"the jail is missing {', '.join(missing)}"
