@@ -74,6 +74,7 @@ def parser(doc: str, *, train_subset: int, val_size: int, repeats: int, warmup: 
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override, as in the CLI (repeatable)")
     p.add_argument("--no-write", action="store_true", help="print the table only, write no JSON")
+    p.add_argument("--result-name", help="write benchmarks/results/NAME.json instead of the script's name")
     return p
 
 
@@ -227,7 +228,7 @@ def finish(script: str, *, claim: str, target: str, passed: bool | None, args: a
     if args.no_write:
         return None
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{script}.json"
+    path = RESULTS_DIR / f"{getattr(args, 'result_name', None) or script}.json"
     payload = {"script": script, "claim": claim, "target": target, "passed": passed, "notes": notes,
                "args": vars(args), "config": config.model_dump(mode="json") if config is not None else None,
                "machine": machine, "results": results}

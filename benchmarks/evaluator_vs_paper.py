@@ -72,7 +72,8 @@ val_loader = DataLoader(Subset(val_folder, val_idx), batch_size=p["eval_batch_si
 torch.manual_seed(p["seed"])
 namespace = {"torch": torch, "nn": nn, "F": F}
 exec(compile(p["code"], "candidate.py", "exec"), namespace)
-model = namespace["Net"](in_shape=(3, 32, 32), num_classes=len(train_folder.classes))
+device = torch.device(p["device"])
+model = namespace["Net"](in_shape=(3, 32, 32), num_classes=len(train_folder.classes)).to(device)
 if p["channels_last"]:
     model = model.to(memory_format=torch.channels_last)
 optimizer = torch.optim.SGD(model.parameters(), lr=p["lr"], momentum=p["momentum"], weight_decay=p["weight_decay"],
@@ -82,6 +83,7 @@ t_setup = time.perf_counter()
 model.train()
 images = 0
 for x, y in train_loader:
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if p["channels_last"]:
         x = x.contiguous(memory_format=torch.channels_last)
     loss = F.cross_entropy(model(x), y)
@@ -89,13 +91,17 @@ for x, y in train_loader:
     loss.backward()
     optimizer.step()
     images += len(y)
+if device.type == "cuda":
+    torch.cuda.synchronize()
 t_trained = time.perf_counter()
 
 model.eval()
 correct = 0
 with torch.no_grad():
     for x, y in val_loader:
-        correct += int((model(x).argmax(1) == y).sum())
+        correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
+if device.type == "cuda":
+    torch.cuda.synchronize()
 t_validated = time.perf_counter()
 
 print(json.dumps({"import_s": t_imported - t_start, "setup_s": t_setup - t_imported, "train_s": t_trained - t_setup,
@@ -112,7 +118,8 @@ def paper_params(config, args, code: str) -> dict:
             "val_size": d.val_size, "train_subset": d.train_subset, "seed": t.seed, "batch_size": t.batch_size,
             "eval_batch_size": t.eval_batch_size, "lr": t.lr, "momentum": t.momentum,
             "weight_decay": t.weight_decay, "nesterov": t.nesterov, "crop_padding": t.augment.crop_padding,
-            "flip": t.augment.flip, "num_workers": args.num_workers, "channels_last": args.paper_channels_last}
+            "flip": t.augment.flip, "num_workers": args.num_workers, "channels_last": args.paper_channels_last,
+            "device": "cuda" if config.eval.device == "cuda" else "cpu"}
 
 
 def main() -> None:
