@@ -3,7 +3,7 @@
     RUN_DIR/config.yaml        the config as run
     RUN_DIR/archive.sqlite     every candidate (schema below), WAL mode
     RUN_DIR/candidates/N.py    each candidate's code, for people
-    RUN_DIR/events.jsonl       append-only event log
+    RUN_DIR/events.jsonl       append-only event log (sessions' start, resume and stop: the run's wall time)
 
 Everything written passes through `redact` first, so no API key or token from the environment lands in a run.
 Contract: an iteration is written in one transaction after it finished, so a kill -9 at any moment
@@ -127,6 +127,22 @@ class Archive:
     def find_hash(self, code_hash: str) -> int | None:
         row = self.db.execute("SELECT MIN(iteration) FROM candidates WHERE code_hash=?", (code_hash,)).fetchone()
         return row[0]
+
+    def seconds_spent(self) -> float:
+        """Wall time of the sessions so far, each from its start or resume event to its last event: a killed session
+        counts up to its last finished iteration."""
+        path = self.dir / "events.jsonl"
+        total, began, last = 0.0, None, None
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the last line of a killed session can be torn
+            if event["event"] in ("start", "resume"):
+                total += last - began if began is not None else 0.0
+                began = event["time"]
+            last = event["time"]
+        return total + (last - began if began is not None else 0.0)
 
     def all(self) -> list[Candidate]:
         return self._load("SELECT record FROM candidates ORDER BY iteration")

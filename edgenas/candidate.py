@@ -110,8 +110,106 @@ def undefined_hint(name: str) -> str:
     return f"name '{name}' is not defined; define or import it (torch, nn and F are already in scope)"
 
 
+def _self_outside_methods(tree: ast.Module) -> Failure | None:
+    """`self` used at module or class-body level: lines meant for __init__ lost their indentation.
+
+    Before pyflakes, whose "name 'self' is not defined" sends the LLM looking for a missing definition.
+    """
+    outside = list(_outside_functions(tree))
+    bound = any(isinstance(n, ast.Global | ast.Nonlocal) and "self" in n.names for n in ast.walk(tree)) or any(
+        (isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load) and n.id == "self")
+        or (isinstance(n, ast.alias) and (n.asname or n.name) in ("self", "*"))
+        or (isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and n.name == "self")
+        for n in outside)
+    uses = [n for n in outside if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id == "self"]
+    if bound or not uses:
+        return None
+    return Failure(kind=FailureKind.syntax, message=(
+        f"indentation error: line {uses[0].lineno} uses `self` outside a method; it belongs inside __init__ "
+        f"(or forward): indent it"))
+
+
+def _outside_functions(node: ast.AST):
+    """Every node not inside a function or lambda body (the function's own name node is yielded)."""
+    for child in ast.iter_child_nodes(node):
+        yield child
+        if not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            yield from _outside_functions(child)
+
+
+MODULE_BASES = {"nn.Module", "torch.nn.Module", "Module"}
+
+
+def _forward_contract(tree: ast.Module) -> Failure | None:
+    """Net without forward, or a forward that never returns a value (the public run's 'returned None' failures).
+
+    Only what is certain is reported: a base class from outside the module, a forward assigned or decorated, a
+    forward that can only loop or raise are left to run time.
+    """
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    if any(isinstance(n, ast.Attribute) and n.attr == "forward" and not isinstance(n.ctx, ast.Load)
+           or isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "setattr"
+           for n in ast.walk(tree)):
+        return None  # forward attached from outside the class body
+    owner, seen = classes["Net"], set()
+    while True:
+        seen.add(owner.name)
+        names = {t.id for n in owner.body if isinstance(n, ast.Assign | ast.AnnAssign)
+                 for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+        if {"forward", "__call__", "__getattr__", "__getattribute__"} & names:
+            return None
+        methods = {n.name: n for n in owner.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+        if "forward" in methods:
+            return _returns_value(owner.name, methods["forward"])
+        if {"__call__", "__getattr__", "__getattribute__"} & methods.keys() or owner.keywords:
+            return None
+        bases = [_dotted(b) for b in owner.bases]
+        local = [b for b in bases if b in classes and b not in seen]
+        if len(bases) == 1 and local:
+            owner = classes[local[0]]
+        elif bases and all(b in MODULE_BASES for b in bases):
+            break
+        else:
+            return None  # a base from outside the module (nn.Sequential, a torchvision model) may define forward
+    stray = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "forward"]
+    hint = (f"; the `def forward` at line {stray[0].lineno} is at module level: indent it into the class" if stray
+            else ": define `def forward(self, x)` returning logits of shape (B, num_classes)")
+    where = f"Net (via its base {owner.name})" if owner.name != "Net" else "Net"
+    return Failure(kind=FailureKind.contract, message=f"line {owner.lineno}: class {where} has no `forward` method{hint}")
+
+
+def _returns_value(cls: str, forward: ast.FunctionDef | ast.AsyncFunctionDef) -> Failure | None:
+    if forward.decorator_list or isinstance(forward, ast.AsyncFunctionDef):
+        return None
+    nodes = list(_outside_functions(ast.Module(body=forward.body, type_ignores=[])))
+    if any(isinstance(n, ast.Yield | ast.YieldFrom) or isinstance(n, ast.Return) and n.value is not None
+           and not (isinstance(n.value, ast.Constant) and n.value.value is None) for n in nodes):
+        return None
+    if _never_falls_through(forward.body):
+        return None  # loops forever or raises: a hang or the exception says more at run time
+    return Failure(kind=FailureKind.contract, message=(
+        f"line {forward.lineno}: {cls}.forward never returns a value: end it with `return logits` (the output "
+        f"tensor of shape (B, num_classes))"))
+
+
+def _never_falls_through(body: list[ast.stmt]) -> bool:
+    """Every path raises or loops forever (a bare `return` still hands back None)."""
+    for stmt in body:
+        if isinstance(stmt, ast.Raise):
+            return True
+        if isinstance(stmt, ast.While) and isinstance(stmt.test, ast.Constant) and stmt.test.value \
+                and not any(isinstance(n, ast.Break) for n in ast.walk(stmt)):
+            return True
+        if isinstance(stmt, ast.If) and _never_falls_through(stmt.body) and _never_falls_through(stmt.orelse):
+            return True
+        if isinstance(stmt, ast.With) and _never_falls_through(stmt.body):
+            return True
+    return False
+
+
 def check_source(code: str) -> Failure | None:
-    """Static checks, cheapest first: syntax, the Net class, forbidden constructs, undefined names."""
+    """Static checks, cheapest first: syntax, the Net class, forbidden constructs, `self` outside methods, the
+    forward contract, undefined names."""
     try:
         tree = ast.parse(code, filename=FILENAME)
     except SyntaxError as e:
@@ -121,7 +219,7 @@ def check_source(code: str) -> Failure | None:
     classes = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Net"]
     if not classes:
         return Failure(kind=FailureKind.contract, message="the module defines no top-level `class Net(nn.Module)`")
-    return _forbidden(tree) or _undefined_names(code, tree)
+    return _forbidden(tree) or _self_outside_methods(tree) or _forward_contract(tree) or _undefined_names(code, tree)
 
 
 # ---------------------------------------------------------------- inside the sandbox
@@ -170,6 +268,7 @@ def describe_exception(exc: BaseException, limit: int = 1200) -> str:
     head = f"{type(exc).__name__}: {text[0] if text else ''}"
     if isinstance(exc, NameError) and getattr(exc, "name", None):
         head = f"NameError: {undefined_hint(exc.name)}"
+    where += "".join(f"\n  {note}" for note in getattr(exc, "__notes__", ()))  # e.g. the submodule that raised
     return (head + where)[-limit:] if len(head + where) > limit else head + where
 
 

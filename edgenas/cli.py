@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -25,6 +26,12 @@ class UsageError(CommandError):
     """Bad usage, config or data: one line on stderr, exit code 2."""
 
     exit_code = 2
+
+
+class LLMFailedError(CommandError):
+    """The LLM kept failing mid-run (search.max_llm_errors): one line on stderr, exit code 3; the run resumes."""
+
+    exit_code = 3
 
 
 def _echo(text: str, err: bool = False) -> None:
@@ -87,12 +94,18 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object.")
 def evaluate(file, dataset, data_root, train_subset, val_size, device, timeout, max_params, max_macs, max_memory_mb,
              config_file, overrides, as_json):
-    """Evaluate one candidate program: static checks, build, profile, one-epoch proxy training, validation."""
+    """Evaluate one candidate program: static checks, build, profile, one-epoch proxy training, validation.
+
+    Exits 0 when the candidate is valid, 1 when it failed (the record says why), 2 on bad usage, config or data.
+    """
     flags = {"dataset.name": dataset, "dataset.root": data_root, "dataset.train_subset": train_subset,
              "dataset.val_size": val_size, "eval.device": device, "eval.timeout_s": timeout,
              "budget.max_params": max_params, "budget.max_macs": max_macs, "budget.max_memory_mb": max_memory_mb}
     config = _config(config_file, [*overrides, *(f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None)])
-    _print_result(_run(config, _read_program(file)), as_json)
+    result = _run(config, _read_program(file))
+    _print_result(result, as_json)
+    if not result.ok:
+        sys.exit(1)
 
 
 @main.command()
@@ -128,17 +141,22 @@ def profile(file, in_shape, num_classes, batch_size, device, as_json):
 def search(config_file, overrides, run_dir, iterations, seed_program, no_cache, as_json):
     """Run (or resume) the closed-loop LLM architecture search."""
     from edgenas.archive import ArchiveError
+    from edgenas.llm.base import LLMSetupError
+    from edgenas.loop import LLMUnavailable
     from edgenas.sandbox.zygote import SandboxError
     from edgenas.search import resolve, run_search
 
     extra = [*([f"search.iterations={iterations}"] if iterations is not None else []), *(["llm.cache=false"] if no_cache else [])]
+    path = None
     try:
         config, path, resuming = resolve(config_file, [*overrides, *extra], run_dir)
         summary = run_search(config, path, resuming, _read_program(seed_program) if seed_program else None)
-    except (ConfigError, SandboxError, ArchiveError) as e:
+    except (ConfigError, SandboxError, ArchiveError, LLMSetupError) as e:
         raise UsageError(str(e)) from None
+    except LLMUnavailable as e:
+        raise LLMFailedError(f"{e}; once the LLM answers, resume with: edgenas search --run-dir {path}") from None
     except KeyboardInterrupt:
-        raise CommandError("interrupted; resume with: edgenas search --run-dir RUN_DIR") from None
+        raise CommandError(interrupted_message(path)) from None
     if as_json:
         _echo(json.dumps(summary))
     else:
@@ -146,6 +164,15 @@ def search(config_file, overrides, run_dir, iterations, seed_program, no_cache, 
         best_text = "-" if best is None else f"{best:.2%} (iteration {summary['best_iteration']})"
         _echo(f"{summary['reason']}: {summary['iterations']} iterations, {summary['valid_rate']:.0%} valid, "
                    f"best {best_text}; run: {summary['run_dir']}")
+
+
+def interrupted_message(run_dir) -> str:
+    """The Ctrl-C hint names the real run directory, or says that nothing was written yet."""
+    from edgenas.archive import Archive
+
+    if run_dir is None or not Archive.exists(run_dir):
+        return "interrupted before the run started; nothing was written (run the same command again)"
+    return f"interrupted; resume with: edgenas search --run-dir {shlex.quote(str(run_dir))}"
 
 
 @main.command()

@@ -126,6 +126,7 @@ class SearchConfig(Section):
     max_wall_s: float | None = Field(None, gt=0)
     target_accuracy: float | None = Field(None, gt=0, le=1)
     patience: int | None = Field(None, ge=1)  # stop after N iterations without a new best
+    max_llm_errors: int | None = Field(5, ge=1)  # stop (exit 3) after N iterations in a row end in an LLM error
     seed: int = 0
 
 

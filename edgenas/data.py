@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import pickle
+import shlex
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,10 +92,12 @@ def _cifar(cfg: DatasetConfig):
     try:
         parts = [cls(str(root), train=t, download=cfg.download and cls is base) for t in (True, False)]
     except Exception as e:  # torchvision raises RuntimeError or urllib errors offline
+        why = f"the download failed: {type(e).__name__}" if cfg.download else "dataset.download is false"
+        target = shlex.quote(str(root))
         raise DataError(
-            f"{cfg.name}: no dataset under {root} and it could not be downloaded ({type(e).__name__}); "
-            f"put the '{base.base_folder}' folder (python version from https://www.cs.toronto.edu/~kriz/cifar.html) "
-            f"in {root} or pass --data-root"
+            f"{cfg.name}: no '{base.base_folder}' under {root} ({why}); to place a local copy, fetch {base.url} "
+            f"where the network allows, then run: mkdir -p {target} && tar -xzf {base.filename} -C {target} "
+            f"(or point dataset.root at a folder that holds '{base.base_folder}')"
         ) from None
     train, test = (
         Split(torch.from_numpy(p.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(p.targets)) for p in parts

@@ -6,10 +6,20 @@ from __future__ import annotations
 import ast
 import json
 import re
+from dataclasses import dataclass
 
-FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
+FENCE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(```|\Z)", re.S)  # the last group is empty when cut off
 CODE_START = re.compile(r"^(import |from |class |def |@|#|[A-Za-z_][\w.]* *=)")
 NET = re.compile(r"^class\s+Net\b", re.M)
+
+
+@dataclass(frozen=True)
+class Extracted:
+    """The module in a reply. `truncated`: the reply stopped before the module ended, so `code` is what came, and
+    it must not be evaluated: trimmed into something that parses it would be a different program."""
+
+    code: str | None  # None: no code at all
+    truncated: bool = False
 
 
 def _parses(code: str) -> bool:
@@ -20,31 +30,50 @@ def _parses(code: str) -> bool:
         return False
 
 
-def _trim_to_parse(code: str, max_drop: int = 40) -> str:
-    """Drop trailing lines (prose after the code, or a line cut off mid-way) until the module parses."""
+def _trim_to_parse(code: str, max_drop: int = 40) -> tuple[str | None, list[str]]:
+    """(the longest head of `code` that parses and holds Net, the lines dropped), or (None, []) if none does."""
     lines = code.rstrip().splitlines()
     for drop in range(min(max_drop, len(lines))):
         attempt = "\n".join(lines[: len(lines) - drop])
         if _parses(attempt) and NET.search(attempt):
-            return attempt + "\n"
-    return code.rstrip() + "\n"  # let the evaluator report the syntax error precisely
+            return attempt + "\n", lines[len(lines) - drop :]
+    return None, []
 
 
-def extract_code(reply: str) -> str | None:
-    """The module in a reply, or None when there is no code at all (an outcome of kind `no_code`)."""
-    blocks = [body for _, body in FENCE.findall(reply)]
-    with_net = [b for b in blocks if NET.search(b)]
+def _is_code(line: str) -> bool:
+    return line[:1].isspace() or bool(CODE_START.match(line)) or line.rstrip().endswith(("(", "[", "{", ",", "\\"))
+
+
+def _complete(code: str, closed: bool, cut_off: bool) -> Extracted:
+    """A closed fence ended the module. Otherwise the reply ended in it: prose after the code is dropped, but a
+    tail that is still code (or a reply the backend says hit the token limit) means the module was cut off."""
+    if closed:
+        return Extracted(code.rstrip() + "\n")
+    trimmed, dropped = _trim_to_parse(code)
+    tail = next((line for line in dropped if line.strip()), None)
+    if trimmed is not None and tail is not None and not _is_code(tail):
+        return Extracted(trimmed)
+    if cut_off or tail is not None:
+        return Extracted(code.rstrip() + "\n", truncated=True)
+    return Extracted(trimmed or code.rstrip() + "\n")  # unparseable: the evaluator reports the syntax error
+
+
+def extract_code(reply: str, cut_off: bool = False) -> Extracted:
+    """The module in a reply (code None: an outcome of kind `no_code`). `cut_off`: the backend said the reply
+    stopped at the token limit."""
+    blocks = FENCE.findall(reply)
+    with_net = [(body, bool(end)) for _, body, end in blocks if NET.search(body)]
     if with_net:
-        return _trim_to_parse(with_net[-1])  # the last full version is the final answer
+        return _complete(*with_net[-1], cut_off)  # the last full version is the final answer
     if blocks:
-        joined = "\n\n".join(b.strip() for b in blocks)
-        return _trim_to_parse(joined) if NET.search(joined) else None
+        joined = "\n\n".join(body.strip() for _, body, _ in blocks)
+        if NET.search(joined):
+            return _complete(joined, bool(blocks[-1][2]), cut_off)
+        return Extracted(None, truncated=cut_off)
     lines = reply.splitlines()
     start = next((i for i, line in enumerate(lines) if CODE_START.match(line)), None)
-    if start is None:
-        return None
-    code = "\n".join(lines[start:])
-    return _trim_to_parse(code) if NET.search(code) else None
+    code = "\n".join(lines[start:]) if start is not None else ""
+    return _complete(code, False, cut_off) if NET.search(code) else Extracted(None, truncated=cut_off)
 
 
 def _balanced_objects(text: str):
@@ -69,7 +98,7 @@ def _balanced_objects(text: str):
 
 def extract_json(reply: str, required: tuple[str, ...] = ("problem", "modification")) -> dict | None:
     """A JSON object holding `required` string keys: a fenced block, the bare reply, or the first balanced {...}."""
-    fenced = [body for tag, body in FENCE.findall(reply) if tag.lower() in ("json", "")]
+    fenced = [body for tag, body, _ in FENCE.findall(reply) if tag.lower() in ("json", "")]
     for text in [*fenced, reply.strip(), *_balanced_objects(reply)]:
         try:
             value = json.loads(text)

@@ -15,6 +15,10 @@ from edgenas.propose import Context, Proposal
 from edgenas.records import Candidate, Outcome
 
 
+class LLMUnavailable(RuntimeError):
+    """search.max_llm_errors iterations in a row ended in an LLM error: the endpoint is down or refusing, not flaky."""
+
+
 def stop_reason(archive, cfg: SearchConfig, elapsed_s: float) -> str | None:
     best = archive.best()
     if archive.next_iteration() >= cfg.iterations:
@@ -36,6 +40,9 @@ def assess(iteration: int, proposal: Proposal, best: Candidate | None, archive, 
                   llm_seconds=proposal.llm_seconds, llm_calls=proposal.calls, created=time.time())
     if proposal.error is not None:
         return Candidate(status="llm_error", outcome=Outcome(status="llm_error", kind="llm_error", diagnostic=proposal.error), **common)
+    if proposal.cut_off is not None:
+        return Candidate(status="truncated", outcome=Outcome(status="truncated", kind="truncated",
+                                                             diagnostic=proposal.cut_off), **common)
     if proposal.code is None:
         return Candidate(status="no_code", outcome=Outcome(status="no_code", kind="no_code",
                          diagnostic="the reply contained no Python code; reply with the complete module in a ```python block"), **common)
@@ -53,8 +60,10 @@ def assess(iteration: int, proposal: Proposal, best: Candidate | None, archive, 
 
 
 def run(archive, proposer, evaluator, cfg: SearchConfig, seed_program: str | None = None, on_iteration=None) -> str:
-    """Iterate until a stop condition; returns the reason. Safe to call again on the same archive."""
+    """Iterate until a stop condition; returns the reason. Safe to call again on the same archive.
+    Raises LLMUnavailable after search.max_llm_errors LLM errors in a row."""
     started = time.monotonic()
+    errors = 0  # in this session only: a resumed run gives a repaired endpoint a fresh chance
     while (reason := stop_reason(archive, cfg, time.monotonic() - started)) is None:
         iteration = archive.next_iteration()
         best = archive.best()
@@ -68,5 +77,10 @@ def run(archive, proposer, evaluator, cfg: SearchConfig, seed_program: str | Non
         archive.add(candidate)
         if on_iteration is not None:
             on_iteration(candidate, archive)
+        errors = errors + 1 if candidate.status == "llm_error" else 0
+        if cfg.max_llm_errors is not None and errors >= cfg.max_llm_errors:
+            reason = f"stopped after {errors} LLM errors in a row; the last: {candidate.outcome.diagnostic}"
+            archive.event("stop", reason=reason)
+            raise LLMUnavailable(reason)
     archive.event("stop", reason=reason)
     return reason

@@ -17,6 +17,8 @@ RETRY_JSON = 'Reply with only the JSON object: {"problem": "...", "modification"
 FALLBACK_MODIFICATION = "Make one well-motivated change to the best model that should raise validation accuracy within the budgets."
 NO_IMPROVER = ("(improver disabled: generator alone)", "Improve the model's validation accuracy within the budgets.")
 FIRST = ("no valid model yet", "write a first model for the task")
+CUT_OFF = ("your reply was cut off at the token limit ({limit} new tokens) before the module ended, so it was not "
+           "evaluated; write a shorter module: fewer comments, no explanation, repeated blocks built in a loop")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Proposal:
     llm_seconds: float = 0.0
     calls: list[dict] = field(default_factory=list)  # per LLM call: role, tokens, seconds, cache hit
     error: str | None = None  # the LLM failed for good; recorded as an outcome, the loop goes on
+    cut_off: str | None = None  # the generator's reply stopped at the token limit: the diagnostic for the LLM
 
 
 class LLMProposer:
@@ -49,6 +52,12 @@ class LLMProposer:
         self.generator, self.improver = generator, improver
         self.generator_sampling, self.improver_sampling = generator_sampling, improver_sampling
         self.task, self.use_improver, self.use_reference, self.seed = task, use_improver, use_reference, seed
+
+    def check(self) -> None:
+        """Raise LLMSetupError unless both roles can answer (see ChatModel.check)."""
+        self.generator.check()
+        if self.improver is not self.generator:
+            self.improver.check()
 
     def _call(self, role: str, messages: list[dict], seed: int, proposal: Proposal) -> Reply:
         """One LLM call. Secrets are scrubbed from the prompt, and from the reply before anything reads it, so
@@ -85,7 +94,10 @@ class LLMProposer:
                 self._improve(ctx, seed, proposal)
             messages = generator_messages(self.task, ctx.best, proposal.modification, ctx.history, self.use_reference)
             reply = self._call("generator", messages, seed + 2, proposal)
-            proposal.code = extract_code(reply.text)
+            extracted = extract_code(reply.text, cut_off=reply.truncated)
+            proposal.code = extracted.code
+            if extracted.truncated:
+                proposal.cut_off = CUT_OFF.format(limit=self.generator_sampling.max_tokens)
         except LLMError as e:
             proposal.error = redact.scrub(str(e))
         return proposal
@@ -98,6 +110,9 @@ class MutationProposer:
         from edgenas.llm.mutate import MutateProposer
 
         self.mutator, self.seed = MutateProposer(), seed
+
+    def check(self) -> None:
+        """Nothing to reach: the mutator runs in this process."""
 
     def propose(self, ctx: Context, iteration: int) -> Proposal:
         start = time.perf_counter()

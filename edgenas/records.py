@@ -88,7 +88,7 @@ def failed(kind: FailureKind, message: str, **fields) -> EvalResult:
 class Outcome(Record):
     """What an attempt led to, as the feedback memory shows it to the LLM."""
 
-    status: str  # ok | failed | duplicate | no_code | llm_error
+    status: str  # ok | failed | duplicate | no_code | truncated | llm_error
     val_accuracy: float | None = None
     delta: float | None = None  # accuracy change against the best at the time (fraction)
     params: int | None = None
@@ -122,7 +122,7 @@ class Candidate(Record):
     """One iteration of a search, as the archive stores it."""
 
     iteration: int
-    status: str  # ok | failed | duplicate | no_code | llm_error
+    status: str  # ok | failed | duplicate | no_code | truncated | llm_error
     code: str | None = None
     code_hash: str | None = None
     parent: int | None = None  # the best candidate's iteration when this one was proposed

@@ -57,6 +57,7 @@ def candidate_rows(candidates) -> list[dict]:
         rows.append({
             "iteration": c.iteration, "status": c.status,
             "failure_kind": None if c.status == "ok" else c.outcome.kind,
+            "failure_reason": None if c.status == "ok" else c.outcome.diagnostic,
             "val_accuracy": c.val_accuracy, "params": r.params if r else None, "macs": r.macs if r else None,
             "peak_memory_bytes": r.peak_memory_bytes if r else None, "latency_ms": r.latency_ms if r else None,
             "problem": c.problem, "modification": c.modification, "is_best": c.is_best, "parent": c.parent,
@@ -66,14 +67,21 @@ def candidate_rows(candidates) -> list[dict]:
     return redact.scrub_data(rows)
 
 
+def _mib(value: int | None) -> str:
+    """Train-step memory in MiB, the unit of the search log and of the feedback memory."""
+    return "-" if value is None else f"{value / 2**20:.0f} MiB"
+
+
 def candidates_table(rows: list[dict], console: Console | None = None) -> None:
+    """Failed rows carry their reason, so nobody has to open the JSON to learn why a candidate failed."""
     console = console or Console()
-    table = Table("it", "status", "val acc", "params", "MACs", "memory", "modification")
+    table = Table("it", "status", "val acc", "params", "MACs", "memory", "modification", "failure reason")
     for row in rows:
         status = row["status"] if row["status"] == "ok" else f"[red]{row['status']}:{row['failure_kind']}[/]"
         acc = "-" if row["val_accuracy"] is None else f"{row['val_accuracy']:.2%}" + (" *" if row["is_best"] else "")
+        reason = Text(redact.scrub(row["failure_reason"] or "")[:200])
         table.add_row(str(row["iteration"]), status, acc, _si(row["params"]), _si(row["macs"]),
-                      _si(row["peak_memory_bytes"], "B"), Text(redact.scrub(row["modification"])[:70]))
+                      _mib(row["peak_memory_bytes"]), Text(redact.scrub(row["modification"])[:70]), reason)
     console.print(table)
 
 

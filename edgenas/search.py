@@ -12,14 +12,40 @@ from edgenas.config import Config, ConfigError, dump_config, load_config
 from edgenas.llm.base import Sampling
 from edgenas.prompts import Task
 
+# Keys that may change when a run is resumed: how long it goes on, never what a candidate is measured against.
+RESUMABLE = {"search.iterations", "search.max_wall_s", "search.patience", "search.target_accuracy",
+             "search.max_llm_errors", "llm.cache", "llm.cache_dir"}
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: Config, given: Config) -> dict[str, tuple]:
+    """{dotted key: (saved, given)} for every value that differs, other than those a resume may change."""
+    old, new = _flat(saved.model_dump(mode="json")), _flat(given.model_dump(mode="json"))
+    return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
+            if key not in RESUMABLE and old.get(key) != new.get(key)}
+
 
 def resolve(config_file, overrides: list[str], run_dir) -> tuple[Config, Path, bool]:
-    """(config, run dir, resuming). A run directory that holds an archive is resumed with its saved config."""
+    """(config, run dir, resuming). A run directory that holds an archive is resumed, with its saved config or with
+    the command line that started it: the saved config already holds that line's overrides, so compare the results."""
     if run_dir and Archive.exists(run_dir):
-        saved = Path(run_dir) / "config.yaml"
-        config = load_config(saved, overrides)
-        if config_file and load_config(config_file).model_dump(exclude={"search"}) != config.model_dump(exclude={"search"}):
-            raise ConfigError(f"{run_dir} was started with a different config; drop --config to resume it as it was")
+        saved_file = Path(run_dir) / "config.yaml"
+        config = load_config(config_file or saved_file, overrides)
+        changed = config_changes(load_config(saved_file), config)
+        if changed:
+            shown = ", ".join(f"{key} ({old!r} -> {new!r})" for key, (old, new) in list(changed.items())[:4])
+            more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+            raise ConfigError(f"{run_dir} was started with a different config: {shown}{more}; a resume may change "
+                              f"only {', '.join(sorted(RESUMABLE))} (use a new --run-dir for a different config)")
         return config, Path(run_dir), True
     if not config_file:
         raise ConfigError("--config is required to start a new search (or pass --run-dir of an existing run to resume)")
@@ -60,24 +86,32 @@ def cache_path(config: Config) -> str | None:
 
 
 def run_search(config: Config, run_dir: Path, resuming: bool, seed_program: str | None = None, console=None) -> dict:
+    """Start the evaluator and the proposer, then open the run directory: a bad data path or model fails before
+    anything is written, so no half-made run blocks the corrected command. `search.max_wall_s` counts every session."""
     from edgenas.evaluate import Evaluator
 
     redact.register([config.llm.generator.api_key_env, config.llm.improver.api_key_env])
-    archive = Archive(run_dir)
-    (run_dir / "config.yaml").write_text(redact.scrub(dump_config(config)))
-    archive.event("resume" if resuming else "start", iteration=archive.next_iteration())
-    display = Display(console, config.search.iterations, archive)
-    try:
-        with Evaluator(config) as evaluator:
-            proposer = make_proposer(config, task_of(config, evaluator.info), cache_path(config))
-            with display:
-                reason = loop.run(archive, proposer, evaluator, config.search,
-                                  seed_program if not resuming else None, display.update)
-        best = archive.best()
-        return {"run_dir": str(run_dir), "reason": reason, **archive.stats(),
-                "best_iteration": best.iteration if best else None, "best_val_accuracy": best.val_accuracy if best else None}
-    finally:
-        archive.close()
+    with Evaluator(config) as evaluator:
+        proposer = make_proposer(config, task_of(config, evaluator.info), cache_path(config))
+        proposer.check()  # endpoint, model, key: one line now rather than a run of failed iterations
+        archive = Archive(run_dir)
+        try:
+            limit, spent = config.search.max_wall_s, archive.seconds_spent()
+            left = None if limit is None else max(limit - spent, 0.0)
+            cfg = config.search.model_copy(update={"max_wall_s": left})
+            (run_dir / "config.yaml").write_text(redact.scrub(dump_config(config)))
+            archive.event("resume" if resuming else "start", iteration=archive.next_iteration())
+            with Display(console, config.search.iterations, archive) as display:
+                seed = seed_program if not resuming else None
+                reason = loop.run(archive, proposer, evaluator, cfg, seed, display.update)
+            if limit is not None and spent and reason.startswith("reached the wall-time limit"):
+                reason = f"reached the wall-time limit of {limit:g} s ({spent:.0f} s of it in earlier sessions)"
+            best = archive.best()
+            return {"run_dir": str(run_dir), "reason": reason, **archive.stats(),
+                    "best_iteration": best.iteration if best else None,
+                    "best_val_accuracy": best.val_accuracy if best else None}
+        finally:
+            archive.close()
 
 
 class Display:

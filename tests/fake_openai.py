@@ -7,7 +7,8 @@
         fake.requests[-1].body["seed"]          # what the client sent
 
 Each POST to /v1/chat/completions takes the next scripted Response; once the script is used up the `responder`
-callable answers (by default a good reply "ok"). GET /v1/models lists `model`.
+callable answers (by default a good reply "ok"). GET /v1/models lists `model`. With `api_key` set, any request
+without that bearer key gets a 401.
 """
 
 from __future__ import annotations
@@ -84,9 +85,11 @@ def delayed(seconds: float, response: Response | None = None) -> Response:
 class FakeOpenAI:
     """The server, on 127.0.0.1 at a free port, in a thread. `start()` returns self; `stop()` ends waits at once."""
 
-    def __init__(self, responder: Callable[[Request], Response] | None = None, model: str = "fake-model"):
+    def __init__(self, responder: Callable[[Request], Response] | None = None, model: str = "fake-model",
+                 api_key: str | None = None):
         self.responder = responder or (lambda request: reply(model=model))
         self.model = model
+        self.api_key = api_key
         self.requests: list[Request] = []
         self._queue: collections.deque[Response] = collections.deque()
         self._lock = threading.Lock()
@@ -134,7 +137,15 @@ class FakeOpenAI:
 
 def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        def _rejected(self) -> bool:
+            if fake.api_key is not None and self.headers.get("Authorization") != f"Bearer {fake.api_key}":
+                self._send(error(401, "Incorrect API key provided"))
+                return True
+            return False
+
         def do_GET(self):
+            if self._rejected():
+                return
             if self.path.rstrip("/").endswith("/models"):
                 self._send(Response(body={"object": "list", "data": [{"id": fake.model, "object": "model"}]}))
             else:
@@ -142,6 +153,8 @@ def _handler(fake: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self):
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self._rejected():
+                return
             try:
                 body = json.loads(raw)
             except ValueError:

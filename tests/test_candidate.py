@@ -20,7 +20,8 @@ NET = "class Net(nn.Module):\n    def forward(self, x):\n        return x\n"
     (NET + "torch.os.system('id')\n", FailureKind.forbidden, "'.os'"),
     (NET + "eval('1')\n", FailureKind.forbidden, "eval()"),
     (NET + "y = ().__class__.__base__.__subclasses__()\n", FailureKind.forbidden, "__subclasses__"),
-    ("class Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n        self.fc = nn.Linear(xxx, 10)\n",
+    ("class Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n        self.fc = nn.Linear(xxx, 10)\n"
+     "    def forward(self, x):\n        return self.fc(x)\n",
      FailureKind.build, "line 4: name 'xxx' is not defined; it looks like a placeholder"),
     ("class Net(nn.Module):\n    def forward(self, x):\n        return helper(x)\n", FailureKind.build, "name 'helper' is not defined; define or import"),
 ])

@@ -2,6 +2,11 @@
 
 import json
 
+from edgenas.archive import Archive
+from edgenas.cli import interrupted_message
+from edgenas.memory import outcome_of
+from edgenas.records import Candidate, EvalResult, Failure, FailureKind, Status
+
 from .conftest import PROGRAMS, run_cli
 
 EXPECTED_KEYS = {"status", "failure", "params", "macs", "peak_memory_bytes", "val_accuracy", "train_seconds",
@@ -19,13 +24,35 @@ def test_evaluate_on_shared_cifar10_prints_one_complete_json(shared_cifar):
     assert record["stage_seconds"]["train"] > 0
 
 
-def test_evaluate_failed_candidate_still_exits_zero(tmp_path):
+def test_evaluate_failed_candidate_prints_its_record_and_exits_one(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import os\nclass Net(nn.Module):\n    pass\n")
     proc = run_cli("evaluate", bad, "--dataset", "synthetic", "--val-size", "100", "--json")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr
     record = json.loads(proc.stdout)
     assert record["status"] == "failed" and record["failure"]["kind"] == "forbidden"
+    assert run_cli("evaluate", bad, "--dataset", "synthetic", "--val-size", "100").returncode == 1
+
+
+def test_show_gives_each_failure_its_reason_in_the_search_logs_memory_unit(tmp_path):
+    archive = Archive(tmp_path / "run")
+    ok = EvalResult(status=Status.ok, val_accuracy=0.5, params=100, macs=1000, peak_memory_bytes=3 * 2**20)
+    archive.add(Candidate(iteration=0, status="ok", result=ok, outcome=outcome_of(ok, None), is_best=True))
+    failure = Failure(kind=FailureKind.shape, message="expected (2, 4) got (2, 7)")
+    bad = EvalResult(status=Status.failed, failure=failure)
+    archive.add(Candidate(iteration=1, status="failed", result=bad, outcome=outcome_of(bad, 0.5)))
+    archive.close()
+    rows = json.loads(run_cli("show", tmp_path / "run", "--json").stdout)
+    assert [r["failure_reason"] for r in rows] == [None, "expected (2, 4) got (2, 7)"]
+    table = run_cli("show", tmp_path / "run", env={"COLUMNS": "250"})
+    assert table.returncode == 0 and "expected (2, 4) got (2, 7)" in table.stdout and "3 MiB" in table.stdout
+
+
+def test_ctrl_c_hint_names_the_real_run_directory(tmp_path):
+    run = tmp_path / "my runs" / "quick"
+    assert "nothing was written" in interrupted_message(run) and "nothing was written" in interrupted_message(None)
+    Archive(run).close()
+    assert interrupted_message(run) == f"interrupted; resume with: edgenas search --run-dir '{run}'"
 
 
 def test_evaluate_table_output(tmp_path):

@@ -3,10 +3,11 @@ import time
 import pytest
 
 from edgenas.config import LLMConfig, LLMRoles
-from edgenas.llm import LLMError, Reply, Sampling, make_chat_model
+from edgenas.llm import LLMError, LLMSetupError, Reply, Sampling, make_chat_model
 from edgenas.llm.cache import CachedChat
 from edgenas.llm.openai_backend import OpenAIChat
 from tests.fake_openai import delayed, error, fake_openai, garbage, no_choices, reply, untidy  # noqa: F401 (fixture)
+from tests.tiny_llm import build_tiny_llama
 
 MESSAGES = [{"role": "system", "content": "You design networks."}, {"role": "user", "content": "Write a model."}]
 SAMPLING = Sampling(temperature=0.7, top_p=0.9, max_tokens=64, seed=3)
@@ -38,7 +39,7 @@ def test_openai_key_from_env_var(fake_openai, monkeypatch):  # noqa: F811
     openai_chat(fake_openai, api_key_env="EDGENAS_TEST_KEY").chat(MESSAGES, SAMPLING)
     assert fake_openai.requests[0].headers["authorization"] == "Bearer sk-secret"
     monkeypatch.delenv("EDGENAS_TEST_KEY")
-    with pytest.raises(LLMError, match="EDGENAS_TEST_KEY.*not set"):
+    with pytest.raises(LLMSetupError, match="EDGENAS_TEST_KEY.*not set"):
         openai_chat(fake_openai, api_key_env="EDGENAS_TEST_KEY")
 
 
@@ -125,6 +126,9 @@ class Echo:
 
     identity = "echo"
 
+    def check(self):
+        pass
+
     def chat(self, messages, sampling):
         return Reply(f"seed {sampling.seed}", 1, 1, 0.01)
 
@@ -153,35 +157,9 @@ def test_make_chat_model(fake_openai, tmp_path):  # noqa: F811
 
 # --- the in-process transformers backend on a tiny random model ---
 
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    """A byte-level BPE tokenizer trained on a few lines and a 2-layer random Llama, saved as a local model."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    lines = ["import torch.nn as nn", "class Net(nn.Module):", "def forward(self, x): return self.fc(x)",
-             "You design networks.", "Write a model with conv layers and batch norm."] * 4
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
-    bpe.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|end|>", pad_token="<pad>",
-                                        chat_template=TEMPLATE)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=bpe.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def test_transformers_chat(tiny_model):
@@ -213,9 +191,12 @@ def test_transformers_loaded_once_for_both_roles(tiny_model):
     assert tokenizer.chat_template and model.config.num_hidden_layers == 2
 
 
-def test_transformers_missing_model_is_llm_error(tmp_path):
+def test_transformers_missing_model_is_one_setup_line(tmp_path):
     chat = make_chat_model(LLMConfig(backend="transformers", model=str(tmp_path / "nowhere")))
-    with pytest.raises(LLMError, match="cannot load"):
+    with pytest.raises(LLMSetupError, match=r"cannot load .*nowhere \(no such directory\)") as caught:
+        chat.check()
+    assert "\n" not in str(caught.value)
+    with pytest.raises(LLMSetupError, match="cannot load"):
         chat.chat(MESSAGES, SAMPLING)
 
 
@@ -225,7 +206,7 @@ def test_transformers_4bit_needs_cuda(tiny_model):
     if torch.cuda.is_available():
         pytest.skip("checks the CPU-only message")
     chat = make_chat_model(LLMConfig(backend="transformers", model=tiny_model, load_in_4bit=True))
-    with pytest.raises(LLMError, match="CUDA"):
+    with pytest.raises(LLMSetupError, match="CUDA"):
         chat.chat(MESSAGES, SAMPLING)
 
 
@@ -250,5 +231,6 @@ def test_search_loop_driven_by_the_in_process_model(tiny_model, tmp_path):
     loop.run(archive, LLMProposer(chat, chat, Sampling(max_tokens=24), Sampling(max_tokens=24), task), Evaluator(),
              SearchConfig(iterations=3))
     rows = archive.all()
-    assert [r.iteration for r in rows] == [0, 1, 2] and all(r.status in ("no_code", "ok", "failed", "duplicate") for r in rows)
+    assert [r.iteration for r in rows] == [0, 1, 2]
+    assert all(r.status in ("no_code", "truncated", "ok", "failed", "duplicate") for r in rows)
     assert all(r.tokens_out > 0 and r.llm_calls and r.replies for r in rows)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import LLMConfig
-from .base import ChatModel, LLMError, Message, Reply, Sampling
+from .base import ChatModel, LLMError, LLMSetupError, Message, Reply, Sampling
 
-__all__ = ["ChatModel", "LLMError", "Message", "Reply", "Sampling", "make_chat_model"]
+__all__ = ["ChatModel", "LLMError", "LLMSetupError", "Message", "Reply", "Sampling", "make_chat_model"]
 
 
 def make_chat_model(cfg: LLMConfig, cache_path: str | Path | None = None) -> ChatModel:

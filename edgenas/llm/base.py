@@ -30,9 +30,18 @@ class LLMError(RuntimeError):
     """A call failed for good (after retries). The loop records it as an outcome and goes on."""
 
 
+class LLMSetupError(RuntimeError):
+    """The model cannot answer at all (endpoint, model name, key, weights): the run stops with this one line.
+
+    Not an LLMError: retrying it every iteration would only fill the archive with identical failures."""
+
+
 class ChatModel(Protocol):
     """A chat model. `identity` names it for the reply cache (backend, model and anything that changes replies)."""
 
     identity: str
+
+    def check(self) -> None:
+        """Raise LLMSetupError (one line) unless the model can answer; called before the first request."""
 
     def chat(self, messages: list[Message], sampling: Sampling) -> Reply: ...

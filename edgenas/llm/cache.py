@@ -41,6 +41,7 @@ class CachedChat:
 
     def __init__(self, inner: ChatModel, path: str | Path):
         self.inner = inner
+        self._checked = False
         self.identity = inner.identity
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +61,9 @@ class CachedChat:
         finally:
             db.close()
 
+    def check(self) -> None:
+        """Deferred to the first reply the cache lacks, so a cached run replays without the server or weights."""
+
     def chat(self, messages: list[Message], sampling: Sampling) -> Reply:
         key = cache_key(self.identity, messages, sampling)
         with self._db() as db:
@@ -67,6 +71,9 @@ class CachedChat:
                              (key,)).fetchone()
         if row is not None:
             return Reply(row[0], row[1], row[2], row[3], cached=True, truncated=bool(row[4]))
+        if not self._checked:
+            self.inner.check()
+            self._checked = True
         reply = self.inner.chat(messages, sampling)
         with self._db() as db:
             db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?, ?)",

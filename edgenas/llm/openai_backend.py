@@ -13,7 +13,7 @@ import time
 import openai
 
 from ..config import LLMConfig
-from .base import LLMError, Message, Reply, Sampling
+from .base import LLMError, LLMSetupError, Message, Reply, Sampling
 
 
 class _Retry(Exception):
@@ -35,18 +35,61 @@ class OpenAIChat:
 
     def __init__(self, cfg: LLMConfig, backoff_s: float = 1.0):
         if not cfg.model:
-            raise LLMError("llm.model: the openai backend needs the served model name")
+            raise LLMSetupError("llm.model: the openai backend needs the served model name")
         if cfg.api_key_env is None:
             key = "EMPTY"  # local servers ignore the key, but the client insists on one
         else:
             key = os.environ.get(cfg.api_key_env)
             if not key:
-                raise LLMError(f"environment variable {cfg.api_key_env} (named by llm.api_key_env) is not set")
+                raise LLMSetupError(f"environment variable {cfg.api_key_env} (named by llm.api_key_env) is not set")
         self.cfg = cfg
         self.backoff_s = backoff_s
         self.identity = f"openai:{cfg.model}"
         self._where = f"{cfg.model} at {cfg.base_url or 'the default OpenAI endpoint'}"
         self._client = openai.OpenAI(base_url=cfg.base_url, api_key=key, timeout=cfg.timeout_s, max_retries=0)
+        self._url = str(self._client.base_url).rstrip("/")
+
+    def check(self) -> None:
+        """GET /models proves the URL, the key and the model name in one request; a server without that route
+        gets a one-token completion instead. Overload (429, 5xx) passes: the loop's retries deal with it."""
+        try:
+            served = [m.id for m in self._client.models.list()]
+        except openai.APIConnectionError as e:
+            raise LLMSetupError(self._unreachable(e)) from None
+        except openai.APIStatusError as e:
+            if e.status_code in (401, 403):
+                raise LLMSetupError(self._rejected(e.status_code)) from None
+            self._probe()
+            return
+        if self.cfg.model not in served:
+            offered = ", ".join(served[:20]) + (f" and {len(served) - 20} more" if len(served) > 20 else "")
+            raise LLMSetupError(
+                f"model {self.cfg.model!r} is not served at {self._url}; it serves: {offered or 'nothing'}")
+
+    def _probe(self) -> None:
+        try:
+            self._client.chat.completions.create(model=self.cfg.model, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=1)
+        except openai.APIConnectionError as e:
+            raise LLMSetupError(self._unreachable(e)) from None
+        except openai.APIStatusError as e:
+            if e.status_code in (401, 403):
+                raise LLMSetupError(self._rejected(e.status_code)) from None
+            if e.status_code == 429 or e.status_code >= 500:
+                return
+            detail = e.body.get("message") if isinstance(e.body, dict) else e.body
+            what = f"model {self.cfg.model!r} not found" if e.status_code == 404 else f"model {self.cfg.model!r}"
+            raise LLMSetupError(f"{what} at {self._url}: HTTP {e.status_code}: {_one_line(detail or '')}") from None
+
+    def _unreachable(self, e: openai.APIConnectionError) -> str:
+        if isinstance(e, openai.APITimeoutError):
+            return f"the LLM endpoint {self._url} gave no reply within {self.cfg.timeout_s:g} s"
+        return f"cannot reach the LLM endpoint {self._url} ({_one_line(e.__cause__ or e)})"
+
+    def _rejected(self, status: int) -> str:
+        if self.cfg.api_key_env:
+            return f"the key in ${self.cfg.api_key_env} was rejected by {self._url} (HTTP {status})"
+        return f"{self._url} wants a key (HTTP {status}): name the variable that holds it with llm.api_key_env"
 
     def chat(self, messages: list[Message], sampling: Sampling) -> Reply:
         start = time.perf_counter()

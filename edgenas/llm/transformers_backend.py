@@ -9,13 +9,14 @@ from __future__ import annotations
 import importlib.util
 import threading
 import time
+from pathlib import Path
 
 import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..config import LLMConfig
-from .base import LLMError, Message, Reply, Sampling
+from .base import LLMSetupError, Message, Reply, Sampling
 
 _loaded: dict[tuple, tuple] = {}
 _load_lock = threading.Lock()
@@ -31,6 +32,16 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _where(model: str) -> str:
+    """Which of the two places from_pretrained looks in failed, said plainly (offline hub ids are the usual case)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return "a local directory"
+    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
+        return "no such directory"
+    return "no such local directory; as a hub id it is not in the cache and could not be downloaded"
+
+
 def _load(cfg: LLMConfig) -> tuple:
     dtype = resolve_dtype(cfg.dtype)
     kwargs = {_DTYPE_ARG: dtype}
@@ -38,18 +49,19 @@ def _load(cfg: LLMConfig) -> tuple:
         kwargs["device_map"] = cfg.device_map
     if cfg.load_in_4bit:
         if not torch.cuda.is_available():
-            raise LLMError("llm.load_in_4bit needs a CUDA GPU; none is available")
+            raise LLMSetupError("llm.load_in_4bit needs a CUDA GPU; none is available")
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise LLMError("llm.load_in_4bit needs the bitsandbytes package: pip install bitsandbytes")
+            raise LLMSetupError("llm.load_in_4bit needs the bitsandbytes package: pip install bitsandbytes")
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
     except (OSError, ValueError, ImportError) as e:
-        raise LLMError(f"cannot load {cfg.model}: {' '.join(str(e).split())[:300]}") from None
+        detail = " ".join(str(e).split())[:300]
+        raise LLMSetupError(f"cannot load {cfg.model} ({_where(cfg.model)}): {detail}") from None
     if not tokenizer.chat_template:
-        raise LLMError(f"{cfg.model} has no chat template: use an instruction-tuned model")
+        raise LLMSetupError(f"{cfg.model} has no chat template: use an instruction-tuned model")
     model.eval()
     return tokenizer, model
 
@@ -68,12 +80,16 @@ class TransformersChat:
 
     def __init__(self, cfg: LLMConfig):
         if not cfg.model:
-            raise LLMError("llm.model: the transformers backend needs a hub id or a local path")
+            raise LLMSetupError("llm.model: the transformers backend needs a hub id or a local path")
         self.cfg = cfg
         # the dtype changes the replies, so the cache must tell them apart
         self.identity = f"transformers:{cfg.model}:{str(resolve_dtype(cfg.dtype)).removeprefix('torch.')}"
         if cfg.load_in_4bit:
             self.identity += ":4bit"
+
+    def check(self) -> None:
+        """Load the weights now: a path or hub id that cannot load is one line before the first iteration."""
+        load_shared(self.cfg)
 
     def chat(self, messages: list[Message], sampling: Sampling) -> Reply:
         tokenizer, model = load_shared(self.cfg)

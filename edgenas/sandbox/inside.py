@@ -8,6 +8,7 @@ graphs, with validation images this process never had.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import time
@@ -164,8 +165,14 @@ def load_module_checked(code: str) -> dict:
 def check_forward(model, in_shape, num_classes: int) -> None:
     """A batch of 2 random images must give finite logits of shape (2, num_classes)."""
     model.eval()
-    with torch.no_grad():
-        y = model(torch.randn(2, *in_shape))
+    with torch.no_grad(), _submodule_inputs(model) as inputs:
+        try:
+            y = model(torch.randn(2, *in_shape))
+        except Exception as exc:
+            note = _failing_submodule(exc, model, inputs)
+            if note:  # what add_note does, which Python 3.10 lacks; describe_exception shows it
+                exc.__notes__ = [*getattr(exc, "__notes__", ()), note]
+            raise
     expected = (2, num_classes)
     if not isinstance(y, torch.Tensor):
         raise StageFailure(FailureKind.shape, f"forward returned {type(y).__name__}; it must return a logits tensor of shape (B, {num_classes})")
@@ -173,6 +180,62 @@ def check_forward(model, in_shape, num_classes: int) -> None:
         raise StageFailure(FailureKind.shape, f"forward on a batch of shape (2, {', '.join(map(str, in_shape))}) returned shape {tuple(y.shape)}; expected {expected}: batch first, one logit per class ({num_classes} classes)")
     if not torch.isfinite(y).all():
         raise StageFailure(FailureKind.nan, "forward returned NaN or inf on a random input batch at initialisation")
+
+
+@contextlib.contextmanager
+def _submodule_inputs(model):
+    """The input shapes each submodule was last called with, recorded by pre-hooks that live only for the check."""
+    inputs: dict[int, str] = {}
+
+    def record(module, args):
+        inputs[id(module)] = ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__
+                                       for a in args)
+
+    handles = [m.register_forward_pre_hook(record) for m in model.modules()
+               if m is not model and not isinstance(m, torch.jit.ScriptModule)]
+    try:
+        yield inputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _failing_submodule(exc: BaseException, model, inputs: dict[int, str]) -> str | None:
+    """The innermost submodule whose own code the exception passed through, what it got and what it expects.
+
+    In a line like `self.fc(self.pool(self.features(x)))` the traceback's candidate line cannot say which call
+    failed; the frames of the modules' forward methods can.
+    """
+    names = {id(m): name for name, m in model.named_modules() if m is not model}
+    tb, innermost = exc.__traceback__, None
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if id(owner) in names and id(owner) in inputs:
+            innermost = owner
+        tb = tb.tb_next
+    if innermost is None:
+        return None
+    expects = _expects(innermost)
+    kind = type(innermost).__name__ + (f", {expects}" if expects else "")
+    got = f": got input of shape {inputs[id(innermost)]}" if inputs[id(innermost)] else ""
+    return f"in `{names[id(innermost)]}` ({kind}){got}"
+
+
+def _expects(module) -> str:
+    nn = torch.nn
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return ""
+    if isinstance(module, nn.Linear):
+        return f"expects {module.in_features} input features in the last dimension"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return f"expects {module.in_channels} input channels"
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return f"expects {module.num_features} channels"
+    if isinstance(module, nn.GroupNorm):
+        return f"expects {module.num_channels} channels"
+    if isinstance(module, nn.LayerNorm):
+        return f"expects trailing dimensions {tuple(module.normalized_shape)}"
+    return ""
 
 
 def export_graph(model, in_shape) -> bytes:
