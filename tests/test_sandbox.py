@@ -202,3 +202,22 @@ def test_an_inherited_address_space_limit_is_the_cap_and_the_record_says_so(eval
     assert record["status"] == "ok" and record["memory_cap_bytes"] == limit, record
     assert record["memory_cap_source"] == "inherited limit"
     assert evaluator.evaluate(program("good_cnn.py")).memory_cap_source == "eval.memory_limit_mb"
+
+
+def test_a_checkout_under_tmp_still_gets_a_jail(tmp_path):
+    """edgenas itself is exposed read-only in the jail: from a clone under /tmp that path crosses the jail's /tmp."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    checkout = tmp_path / "clone"
+    for package in ("edgenas", "exporters"):
+        shutil.copytree(PACKAGE.parent / package, checkout / package, ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run([sys.executable, "-m", "edgenas.cli", "evaluate", str(PACKAGE.parent / "tests" / "programs"
+                           / "good_cnn.py"), "--dataset", "synthetic", "--set", "dataset.in_shape=[3,16,16]",
+                           "--set", "dataset.synthetic_size=200", "--val-size", "40", "--json"], cwd=checkout,
+                          env={**os.environ, "PYTHONPATH": str(checkout)}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["status"] == "ok" and "private_root" in record["isolation"], record

@@ -153,7 +153,8 @@ def enter(mount_point: str, disk_bytes: int, max_files: int, memory_bytes: int |
     owner = f"uid={JAIL_ID},gid={JAIL_ID}" if root_mode() else ""
     _mount("job", root + WORKDIR, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
            f"size={disk_bytes},nr_inodes={max_files},mode=700" + (f",{owner}" if owner else ""))
-    os.symlink(WORKDIR.lstrip("/"), root + "/tmp")
+    if not os.path.lexists(root + "/tmp"):  # (an exposed path may lie under /tmp: a checkout there)
+        os.symlink(WORKDIR.lstrip("/"), root + "/tmp")
     os.makedirs(root + "/.old")
     if SYS_PIVOT_ROOT is None:
         raise JailError(f"pivot_root: unknown syscall number on {os.uname().machine}")
