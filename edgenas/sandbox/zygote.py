@@ -93,9 +93,9 @@ class JailClient:
 
     def close(self) -> None:
         if self.peer is not None:
+            os.rmdir(self.mount_point)  # first: whoever closes us may not wait for the zygote to exit
             self.peer.close()
             self.peer = None
-            os.rmdir(self.mount_point)
 
     def __enter__(self):
         self.start()
@@ -197,6 +197,7 @@ class Zygote:
                 os._exit(0)
             os.environ.clear()
             os.environ.update(HOME=jail.WORKDIR, TMPDIR=jail.WORKDIR, USER="jail", PATH="/usr/bin:/bin")
+            tempfile.tempdir = jail.WORKDIR  # chosen before the jail (a /tmp that may be read-only in here)
             from edgenas.sandbox import guard
 
             guard.install([jail.WORKDIR])
