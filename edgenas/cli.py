@@ -234,8 +234,10 @@ def pareto(run_dir, as_json, plot):
 @click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1))
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated training seeds (test accuracy per seed).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override training keys, e.g. train.lr=0.1.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), help="Seconds each seed may take to train and "
+              "export (default: a week).")
 @click.option("--json", "as_json", is_flag=True, help="Print the model cards as a JSON array.")
-def finalize(run_dir, top, ids, epochs, seeds, overrides, as_json):
+def finalize(run_dir, top, ids, epochs, seeds, overrides, timeout_s, as_json):
     """Train the chosen candidates from scratch, test them, export fp32 and INT8 ONNX with model cards."""
     from exporters.finalize import FinalizeError
     from exporters.finalize import finalize as run_finalize
@@ -251,7 +253,8 @@ def finalize(run_dir, top, ids, epochs, seeds, overrides, as_json):
         _echo(f"candidate {iteration} seed {p['seed']}: epoch {p['epoch']}/{p['epochs']} loss {p['loss']:.4f}", err=True)
 
     try:
-        cards = run_finalize(run_dir, top, id_list, epochs, seed_list, tuple(overrides), on_progress=progress)
+        limit = {"timeout_s": timeout_s} if timeout_s else {}
+        cards = run_finalize(run_dir, top, id_list, epochs, seed_list, tuple(overrides), on_progress=progress, **limit)
     except (ConfigError, FinalizeError) as e:
         raise CommandError(str(e)) from None
     if as_json:

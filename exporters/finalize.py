@@ -9,10 +9,12 @@ staging file moved into place; the jail writes nothing there.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from edgenas import referee
@@ -116,9 +118,9 @@ class FinalizeJob(ProxyJob):
     def _export(self, model, send) -> dict:
         """Weights and the graph go back through the pipe; parity against PyTorch on training images is this job's
         own check that the export is faithful (the test score is the host's, on the graph)."""
+        import numpy as np
         import torch
 
-        from edgenas import profile
         from edgenas.data import Normalize
         from exporters.onnx_export import check_parity, export_onnx, parity
 
@@ -127,10 +129,19 @@ class FinalizeJob(ProxyJob):
         images = Normalize(self.data.mean, self.data.std, "cpu")(self.data.train.images[:1000])
         report = check_parity(parity(model, path, images))
         send({"kind": "graph", "trained": True}, path.read_bytes())
-        latency = {}
+        latency = {}  # flat keys: the Result schema holds a dict of floats
         for threads in sorted({1, len(os.sched_getaffinity(0))}):
             torch.set_num_threads(threads)
-            latency[f"threads_{threads}"] = profile.latency_ms(model, images[:1], runs=100, warmup=10)
+            with torch.inference_mode():
+                for _ in range(10):
+                    model(images[:1])
+                times = []
+                for _ in range(100):
+                    start = time.perf_counter()
+                    model(images[:1])
+                    times.append((time.perf_counter() - start) * 1000)
+            p50, p90 = np.percentile(times, [50, 90])
+            latency |= {f"threads_{threads}_p50": float(p50), f"threads_{threads}_p90": float(p90)}
         return {"parity": report, "torch_latency_ms": latency}
 
 
@@ -203,22 +214,48 @@ def finalize(run_dir, top: int = 3, ids: list[int] | None = None, epochs: int = 
                     disk_limit_mb=ev.disk_limit_mb, max_files=ev.max_files, max_payload_bytes=MAX_CHECKPOINT_BYTES,
                     allow_unconfined=ev.allow_unconfined)
     cards = []
+    train = config.train.model_dump(mode="json", exclude={"seed"})
     with JailClient("exporters.finalize:FinalizeJob", {"config": config.model_dump(mode="json")}, limits) as jail:
         if jail.info["device"] != "cpu":
             jail.limits = Limits(**{**limits.__dict__, "memory_limit_mb": None})
         for candidate in chosen:
             out_dir = run_dir / "final" / f"{candidate.iteration:05d}"
             out_dir.mkdir(parents=True, exist_ok=True)
-            seed_results = [_train_seed(jail, candidate, seed, epochs, out_dir, reference, on_progress) for seed in seeds]
-            cards.append(_measure_and_card(candidate, seed_results, out_dir, config, jail.info, reference))
+            settings = _fingerprint(train, config.dataset.model_dump(mode="json"), epochs, candidate.code)
+            seed_results = [_train_seed(jail, candidate, seed, epochs, settings, out_dir, reference, on_progress)
+                            for seed in seeds]
+            cards.append(_measure_and_card(candidate, seed_results, out_dir, config, jail.info))
     return cards
 
 
-def _train_seed(jail, candidate, seed: int, epochs: int, out_dir: Path, reference: dict, on_progress) -> dict:
-    done = read_regular(out_dir / f"seed{seed}.json", 1 << 20)
-    if done is not None:  # finished in an earlier, interrupted finalize
-        return json.loads(done)
-    checkpoint_path = out_dir / f"seed{seed}.ckpt"
+def _fingerprint(train: dict, dataset: dict, epochs: int, code: str) -> str:
+    """What a seed's result depends on: a finished seed or a checkpoint is reused only when this matches."""
+    settings = {"train": train, "dataset": dataset, "epochs": epochs,
+                "code": hashlib.sha256(code.encode()).hexdigest()}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object this process wrote earlier; {} when it is missing, a link, damaged or not an object."""
+    try:
+        value = json.loads(read_regular(path, 1 << 20) or b"null")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _train_seed(jail, candidate, seed: int, epochs: int, settings: str, out_dir: Path, reference: dict,
+                on_progress) -> dict:
+    done = _read_json(out_dir / f"seed{seed}.json")
+    if done.get("settings") == settings:  # finished in an earlier, interrupted finalize with the same settings
+        return done
+    checkpoint_path, side_path = out_dir / f"seed{seed}.ckpt", out_dir / f"seed{seed}.ckpt.json"
+    resume = b""
+    if _read_json(side_path).get("settings") == settings:
+        resume = read_regular(checkpoint_path, MAX_CHECKPOINT_BYTES) or b""
+    else:  # trained with other settings (or its side file never written): start over
+        checkpoint_path.unlink(missing_ok=True)
+        side_path.unlink(missing_ok=True)
     got: dict = {"graph": b"", "weights": b"", "result": None, "bad": None, "seen": set(), "epoch": 0}
 
     def on_message(header: dict, payload: bytes):
@@ -237,7 +274,8 @@ def _train_seed(jail, candidate, seed: int, epochs: int, out_dir: Path, referenc
         got["seen"].add(once)
         if isinstance(message, messages.Checkpoint):
             got["epoch"] = message.epoch
-            publish(checkpoint_path, payload)
+            publish(checkpoint_path, payload)  # then its side file: a checkpoint without one is never resumed
+            publish(side_path, json.dumps({"settings": settings, "epoch": message.epoch}).encode())
         elif isinstance(message, messages.Progress) and on_progress:
             on_progress(candidate.iteration, {"seed": seed, "epoch": message.epoch, "epochs": message.epochs,
                                               "loss": message.loss})
@@ -249,7 +287,6 @@ def _train_seed(jail, candidate, seed: int, epochs: int, out_dir: Path, referenc
             got["result"] = message
         return None
 
-    resume = read_regular(checkpoint_path, MAX_CHECKPOINT_BYTES) or b""
     report = jail.run({"code": candidate.code, "seed": seed}, on_message, resume)
     result = got["result"]
     where = f"candidate {candidate.iteration}, seed {seed}"
@@ -257,6 +294,9 @@ def _train_seed(jail, candidate, seed: int, epochs: int, out_dir: Path, referenc
         raise FinalizeError(f"{where}: crashed: {got['bad']}")
     if isinstance(result, messages.Result) and result.status == "failed":
         raise FinalizeError(f"{where}: {result.failure.kind.value}: {result.failure.message.strip().splitlines()[-1]}")
+    if report.get("timed_out") and not isinstance(result, messages.Result):
+        raise FinalizeError(f"{where}: {FailureKind.timeout.value}: not trained and exported within the "
+                            f"{jail.limits.timeout_s:g} s limit (finalize --timeout); {got['epoch']} epochs were saved")
     if not isinstance(result, messages.Result) or not got["graph"]:
         from edgenas.worker import exit_failure
 
@@ -271,14 +311,28 @@ def _train_seed(jail, candidate, seed: int, epochs: int, out_dir: Path, referenc
         accuracy, loss = _onnx_accuracy(got["graph"], reference)
     except referee.GraphError as e:
         raise FinalizeError(f"{where}: {FailureKind.export.value}: {e}") from None
-    summary = {"seed": seed, "test_accuracy": accuracy, "test_loss": loss, "train_images": result.train_images,
+    int8 = _quantize(got["graph"], reference)
+    summary = {"seed": seed, "settings": settings, "test_accuracy": accuracy, "test_loss": loss,
+               "test_accuracy_int8": _onnx_accuracy(int8, reference)[0], "train_images": result.train_images,
                "params": referee.inspect(graph, reference["probe"]).params, "parity": result.parity,
                "torch_latency_ms": result.torch_latency_ms, "isolation": report.get("isolation", [])}
     publish(out_dir / f"model-seed{seed}.onnx", got["graph"])
+    publish(out_dir / f"model-seed{seed}.int8.onnx", int8)
     publish(out_dir / f"model-seed{seed}.pt", got["weights"])
     publish(out_dir / f"seed{seed}.json", json.dumps(summary).encode())
     checkpoint_path.unlink(missing_ok=True)
+    side_path.unlink(missing_ok=True)
     return summary
+
+
+def _quantize(graph: bytes, reference: dict) -> bytes:
+    """The static INT8 copy of a checked graph, calibrated on training images."""
+    from exporters.quantize import quantize_int8
+
+    with tempfile.TemporaryDirectory(prefix="edgenas-int8-") as staging:
+        fp32 = Path(staging) / "model.onnx"
+        fp32.write_bytes(graph)
+        return quantize_int8(fp32, Path(staging) / "model.int8.onnx", reference["calibration"]).read_bytes()
 
 
 def _reference_images(config) -> dict:
@@ -300,22 +354,19 @@ def _onnx_accuracy(graph: bytes, reference: dict) -> tuple[float, float]:
                          reference["std"], batch_size=256)
 
 
-def _measure_and_card(candidate, seed_results, out_dir: Path, config, info, reference: dict) -> dict:
+def _measure_and_card(candidate, seed_results, out_dir: Path, config, info) -> dict:
     import numpy as np
 
     from exporters.bench import available_cores, bench
     from exporters.card import environment, write_card
-    from exporters.quantize import quantize_int8
 
     first = seed_results[0]
     fp32, int8 = out_dir / "model.onnx", out_dir / "model.int8.onnx"
-    publish(fp32, (out_dir / f"model-seed{first['seed']}.onnx").read_bytes())
-    publish(out_dir / "model.pt", (out_dir / f"model-seed{first['seed']}.pt").read_bytes())
-    with tempfile.TemporaryDirectory(prefix="edgenas-int8-") as staging:
-        quantize_int8(fp32, Path(staging) / int8.name, reference["calibration"])
-        publish(int8, (Path(staging) / int8.name).read_bytes())
+    for name in ("model.onnx", "model.int8.onnx", "model.pt"):  # the first seed's model is the one shipped
+        publish(out_dir / name, (out_dir / name.replace("model", f"model-seed{first['seed']}", 1)).read_bytes())
     threads = sorted({1, available_cores()})
     accuracies = [r["test_accuracy"] for r in seed_results]
+    int8_accuracies = [r["test_accuracy_int8"] for r in seed_results]
     card = {
         "name": f"{info['dataset']}-candidate-{candidate.iteration:05d}", "candidate": candidate.iteration,
         "dataset": info["dataset"], "in_shape": "x".join(map(str, info["in_shape"])),
@@ -325,12 +376,15 @@ def _measure_and_card(candidate, seed_results, out_dir: Path, config, info, refe
                      "device": info["device"], "isolation": first["isolation"]},
         "test_accuracy": {"per_seed": {str(r["seed"]): r["test_accuracy"] for r in seed_results},
                           "mean": float(np.mean(accuracies)), "std": float(np.std(accuracies)),
-                          "onnx_fp32": first["test_accuracy"],
-                          "onnx_int8": _onnx_accuracy(int8.read_bytes(), reference)[0]},
+                          "int8_per_seed": {str(r["seed"]): r["test_accuracy_int8"] for r in seed_results},
+                          "int8_mean": float(np.mean(int8_accuracies)), "int8_std": float(np.std(int8_accuracies)),
+                          "onnx_fp32": first["test_accuracy"], "onnx_int8": first["test_accuracy_int8"]},
         "file_bytes": {"fp32": fp32.stat().st_size, "int8": int8.stat().st_size},
         "parity": first["parity"],
         "latency_ms": {
-            "torch_eager": first["torch_latency_ms"],
+            **{f"torch_eager_threads_{t}": {"p50_ms": first["torch_latency_ms"][f"threads_{t}_p50"],
+                                            "p90_ms": first["torch_latency_ms"][f"threads_{t}_p90"]}
+               for t in sorted({int(k.split("_")[1]) for k in first["torch_latency_ms"]})},
             **{f"onnxruntime_{kind}_threads_{t}": bench(str(path), threads=t, runs=200, warmup=20)
                for kind, path in (("fp32", fp32), ("int8", int8)) for t in threads},
         },

@@ -6,6 +6,10 @@ AVX512-VNNI x86 CPU with ResNet-8: U8S8 ran batch 1 at 0.57x of fp32 onnxruntime
 which also need equal-sized batches. Dynamic quantisation (ConvInteger) is slower than fp32 for CNNs and
 is not offered. quant_pre_process (shape inference, graph optimisation) runs first, as onnxruntime's
 quantiser asks.
+
+The quantiser's file carries names, shape hints and zero-valued bias zero points that together cost a
+78k-parameter model a quarter of its INT8 weights' size (3.1x smaller than fp32 instead of 3.5x); `compact`
+drops them without changing a single output or onnxruntime's fusion into QLinearConv/QGemm.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -63,5 +68,50 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration_imag
             quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
             activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax,
         )
-    onnx.checker.check_model(str(int8_path))
+    model = compact(onnx.load(str(int8_path)))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(int8_path))
     return int8_path
+
+
+def compact(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shrink a quantised model in place: identical initializers shared, internal names shortened, node names,
+    shape hints, metadata and unused opset imports dropped, all-zero int32 bias zero points removed (0 is the
+    default; the int8 weight zero points stay, onnxruntime fuses QGemm only with them)."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        zero_point = inits.get(node.input[2]) if node.op_type == "DequantizeLinear" and len(node.input) == 3 else None
+        if zero_point is not None and zero_point.data_type == onnx.TensorProto.INT32 and not numpy_helper.to_array(zero_point).any():
+            del node.input[2]
+    used = {name for node in graph.node for name in node.input}
+    first, alias = {}, {}
+    for t in graph.initializer:
+        if t.name in used:
+            key = (t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes())
+            alias[t.name] = first.setdefault(key, t.name)
+    kept = [t for t in graph.initializer if alias.get(t.name) == t.name]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    public = {v.name for v in (*graph.input, *graph.output)}
+    names: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        name = alias.get(name, name)
+        return name if not name or name in public else names.setdefault(name, format(len(names), "x"))
+
+    for t in graph.initializer:
+        t.name = short(t.name)
+    for node in graph.node:
+        node.name = ""
+        node.input[:] = [short(n) for n in node.input]
+        node.output[:] = [short(n) for n in node.output]
+    del graph.value_info[:]
+    for value in graph.input:
+        del value.metadata_props[:]
+    del model.metadata_props[:]
+    domains = {node.domain for node in graph.node} | {"", "ai.onnx"}
+    opsets = [o for o in model.opset_import if o.domain in domains]
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)
+    return model

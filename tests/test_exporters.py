@@ -158,7 +158,7 @@ def test_export_resnet18_candidate(tmp_path):
 def test_int8_is_smaller_and_about_as_accurate(trained, fp32_path, int8_path, test_images):
     assert count_params(trained) > 100_000
     ratio = fp32_path.stat().st_size / int8_path.stat().st_size
-    assert ratio >= 3, f"int8 file only {ratio:.2f}x smaller"
+    assert ratio >= 3.5, f"int8 file only {ratio:.2f}x smaller"
     images, labels = test_images
     fp32, int8 = accuracy(onnx_logits(fp32_path, images), labels), accuracy(onnx_logits(int8_path, images), labels)
     assert int8 >= fp32 - 0.03, f"int8 accuracy {int8:.3f} vs fp32 {fp32:.3f}"

@@ -10,6 +10,7 @@ as {"kind": "job", "message": ...} and adds its own, which a job cannot forge: t
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import selectors
@@ -93,7 +94,8 @@ class JailClient:
 
     def close(self) -> None:
         if self.peer is not None:
-            os.rmdir(self.mount_point)  # first: whoever closes us may not wait for the zygote to exit
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(self.mount_point)  # first: whoever closes us may not wait for the zygote to exit
             self.peer.close()
             self.peer = None
 
