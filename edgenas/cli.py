@@ -10,8 +10,9 @@ from pathlib import Path
 import click
 
 from edgenas import redact
-from edgenas.config import ConfigError, load_config
 
+# The config stack (YAML, pydantic) is imported by the commands that need it: `edgenas bench` runs on a device
+# with only click, numpy and onnxruntime installed.
 PROFILE_STAGES = ("build", "forward", "profile")
 
 
@@ -39,6 +40,8 @@ def _echo(text: str, err: bool = False) -> None:
 
 
 def _config(config_file, overrides):
+    from edgenas.config import ConfigError, load_config
+
     try:
         return load_config(config_file, overrides)
     except ConfigError as e:
@@ -141,6 +144,7 @@ def profile(file, in_shape, num_classes, batch_size, device, as_json):
 def search(config_file, overrides, run_dir, iterations, seed_program, no_cache, as_json):
     """Run (or resume) the closed-loop LLM architecture search."""
     from edgenas.archive import ArchiveError
+    from edgenas.config import ConfigError
     from edgenas.llm.base import LLMSetupError
     from edgenas.loop import LLMUnavailable
     from edgenas.sandbox.zygote import SandboxError
@@ -239,6 +243,7 @@ def pareto(run_dir, as_json, plot):
 @click.option("--json", "as_json", is_flag=True, help="Print the model cards as a JSON array.")
 def finalize(run_dir, top, ids, epochs, seeds, overrides, timeout_s, as_json):
     """Train the chosen candidates from scratch, test them, export fp32 and INT8 ONNX with model cards."""
+    from edgenas.config import ConfigError
     from exporters.finalize import FinalizeError
     from exporters.finalize import finalize as run_finalize
 

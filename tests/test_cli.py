@@ -1,6 +1,8 @@
 """The CLI end to end, on real files: JSON contract, exit codes, one-line errors."""
 
 import json
+import subprocess
+import sys
 
 from edgenas.archive import Archive
 from edgenas.cli import interrupted_message
@@ -85,3 +87,24 @@ def test_profile_resnet18_matches_the_reference_counts():
     assert record["params"] == 11_689_512 - 4_800  # each BatchNorm (4,800 channels) folds into one conv bias
     assert abs(record["macs"] - 1.82e9) < 0.01e9, record["macs"]
     assert record["peak_memory_bytes"] > record["weight_bytes"] and record["val_accuracy"] is None
+
+
+def test_edgenas_bench_needs_neither_the_config_stack_nor_torch(tmp_path):
+    """On a device only click, numpy and onnxruntime are installed: `edgenas bench` imports nothing else."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph([helper.make_node("Flatten", ["input"], ["flat"]),
+                               helper.make_node("MatMul", ["flat", "w"], ["logits"])], "tiny",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+                              [numpy_helper.from_array(np.ones((192, 10), np.float32), "w")])
+    path = tmp_path / "tiny.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    blocked = ("yaml", "pydantic", "torch", "onnx")  # importing any of them now raises ImportError
+    code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); from edgenas.cli import main; "
+            f"sys.argv = ['edgenas', 'bench', {str(path)!r}, '--runs', '5', '--warmup', '1', '--json']; main()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["runs"] == 5
