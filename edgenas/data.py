@@ -91,7 +91,11 @@ def _cifar(cfg: DatasetConfig):
     cls = Present if present else base
     try:
         parts = [cls(str(root), train=t, download=cfg.download and cls is base) for t in (True, False)]
-    except Exception as e:  # torchvision raises RuntimeError or urllib errors offline
+    except Exception as e:
+        if present:  # the files are there but do not read: say which error, not "could not be downloaded"
+            raise DataError(f"{cfg.name}: the files under {folder} are damaged or not CIFAR "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); replace them") from None
+        # missing: torchvision raises RuntimeError or urllib errors offline
         why = f"the download failed: {type(e).__name__}" if cfg.download else "dataset.download is false"
         target = shlex.quote(str(root))
         raise DataError(

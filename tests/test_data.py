@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from edgenas.config import AugmentConfig, DatasetConfig
@@ -83,3 +84,12 @@ def test_imagenette_reads_train_and_val_at_160(shared_cifar, tmp_path):
     data = load_data(cfg, ("train", "val", "test"))
     assert data.in_shape == (3, 160, 160) and data.num_classes == 10 and len(data.test) == 30
     assert data.classes[0].startswith("n0")
+
+
+def test_a_damaged_cifar_file_is_reported_as_damaged(tmp_path):
+    root = write_cifar100(tmp_path / "c100")
+    (root / "cifar-100-python" / "train").write_bytes(b"not a pickle at all")
+    cfg = DatasetConfig(name="cifar100", root=str(root), val_size=50, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match="damaged or not CIFAR .*UnpicklingError") as caught:
+        load_data(cfg)
+    assert "download" not in str(caught.value) and "\n" not in str(caught.value)
