@@ -32,13 +32,12 @@ class Evaluator:
         """Start the worker and its jail and load the data; raises SandboxError with a one-line reason."""
         self.close()
         self.peer = wire.Peer("edgenas.worker", clean_env())
-        self.peer.send({"kind": "init", "init": {"config": self.config.model_dump(mode="json")}})
-        reply = self.peer.receive(STARTUP_TIMEOUT_S)
-        if reply is None or reply.kind != "ready":
-            message = (reply.header.get("message") if reply else None) or self.peer.last_error_line()
+        try:
+            self.info = self.peer.handshake({"kind": "init", "init": {"config": self.config.model_dump(mode="json")}},
+                                            STARTUP_TIMEOUT_S)
+        except wire.WireError as e:
             self.close()
-            raise SandboxError(redact.scrub(message or "the evaluation worker died at start"))
-        self.info = reply.header["info"]
+            raise SandboxError(redact.scrub(str(e))) from None
         return self.info
 
     def evaluate(self, code: str, stages: tuple[str, ...] | None = None) -> EvalResult:

@@ -22,8 +22,6 @@ from edgenas.records import FailureKind
 from edgenas.sandbox import jail, messages, wire
 from edgenas.sandbox.zygote import JailClient, Limits
 
-SCORE_MEMORY_BYTES = 512 << 20  # activations of one scoring batch
-
 
 def limits_of(config: Config, device: str = "cpu") -> Limits:
     ev = config.eval
@@ -86,7 +84,7 @@ class TrustedWorker:
         # graphs are hostile data too: whatever one makes onnxruntime allocate here stays under the candidate's cap
         # (a soft limit: a jail zygote started from here later lifts it for itself)
         self.memory_bytes = self.config.eval.memory_limit_mb << 20
-        jail.cap_address_space(self.memory_bytes + SCORE_MEMORY_BYTES, soft_only=True)
+        jail.cap_address_space(self.memory_bytes + referee.SCORE_CAP_BYTES, soft_only=True)
 
     def describe(self) -> dict:
         return {**self.info, "val_images": len(self.val_labels)}
@@ -187,7 +185,7 @@ class TrustedWorker:
         try:
             start = time.perf_counter()
             session = referee.session(graph, self.cores)
-            batch = referee.score_batch(self._stats, SCORE_MEMORY_BYTES)
+            batch = referee.score_batch(self._stats)
             out["val_accuracy"], out["val_loss"] = referee.score(session, self.val_images, self.val_labels,
                                                                  self.mean, self.std, batch, deadline)
             out["stage_seconds"]["validate"] = round(time.perf_counter() - start, 4)

@@ -128,10 +128,16 @@ class Peer(Channel):
                                      stderr=self.log, env=env, cwd=cwd or tempfile.gettempdir(), start_new_session=True)
         super().__init__(self.proc.stdout.fileno(), self.proc.stdin.fileno())
 
-    def last_error_line(self) -> str:
+    def handshake(self, init: dict, timeout: float) -> dict:
+        """Send `init`, wait for {"kind": "ready", "info": ...}: the info, or WireError with the one-line reason (the
+        peer's own error message, else the last line it wrote to stderr)."""
+        self.send(init)
+        reply = self.receive(timeout)
+        if reply is not None and reply.kind == "ready":
+            return reply.header["info"]
         self.log.seek(0)
         lines = self.log.read().decode(errors="replace").strip().splitlines()
-        return lines[-1] if lines else ""
+        raise WireError((reply.header.get("message") if reply else None) or (lines[-1] if lines else "it died at start"))
 
     def close(self, grace_s: float = 5.0) -> None:
         """End of input first, so it can tidy up (the worker closes its jail); then the whole group is killed."""

@@ -64,14 +64,13 @@ class JailClient:
         self.close()
         self.mount_point = tempfile.mkdtemp(prefix="edgenas-jail-")  # stays empty here; jobs mount over it privately
         self.peer = wire.Peer("edgenas.sandbox.zygote", clean_env())
-        self.peer.send({"kind": "init", "worker": self.worker, "init": self.init, "limits": asdict(self.limits),
-                        "mount_point": self.mount_point})
-        reply = self.peer.receive(self.startup_timeout_s)
-        if reply is None or reply.kind != "ready":
-            message = (reply.header.get("message") if reply else None) or self.peer.last_error_line()
+        try:
+            self.info = self.peer.handshake({"kind": "init", "worker": self.worker, "init": self.init,
+                                             "limits": asdict(self.limits), "mount_point": self.mount_point},
+                                            self.startup_timeout_s)
+        except wire.WireError as e:
             self.close()
-            raise SandboxError(message or "the jail's zygote died at start")
-        self.info = reply.header["info"]
+            raise SandboxError(str(e)) from None
         return self.info
 
     def run(self, job: dict, on_message, payload: bytes = b"") -> dict:
