@@ -15,26 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-from common import RESULTS_DIR, machine_info, table
+from common import RESULTS_DIR, machine_info, spearman, table
 
 from edgenas.archive import Archive
-
-
-def ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks with ties averaged, as Spearman's coefficient needs."""
-    order = values.argsort(kind="stable")
-    out = np.empty(len(values))
-    out[order] = np.arange(len(values))
-    for value in np.unique(values):
-        tied = values == value
-        out[tied] = out[tied].mean()
-    return out
-
-
-def spearman(x, y) -> float:
-    rx, ry = ranks(np.asarray(x, float)), ranks(np.asarray(y, float))
-    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def finalized_rows(run_dir: Path) -> list[dict]:

@@ -22,7 +22,8 @@ from pathlib import Path
 from edgenas import redact
 from edgenas.records import Candidate, Failure
 
-SCHEMA_VERSION = 2  # 2: records measured on the exported graph (macs_uncounted_ops, artifact_sha256)
+SCHEMA_VERSION = 3  # 3: close wins re-run with other seeds (reruns, seed); 2: measured on the exported graph
+UPGRADABLE = {2}  # older schemas whose records load as they are: they lack only fields that have defaults
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS candidates (
@@ -53,9 +54,10 @@ def _record(candidate: Candidate) -> str:
     if not redact.active():
         return text
     record = redact.scrub_data(json.loads(text))  # scrub parsed strings: text-level edits could split an escape
-    failure = (record.get("result") or {}).get("failure")
-    if failure:  # a marker can be longer than the secret it replaces; the record must still load
-        failure["message"] = failure["message"][:Failure.model_fields["message"].metadata[0].max_length]
+    for result in [record.get("result") or {}, *record.get("reruns", [])]:
+        if result.get("failure"):  # a marker can be longer than the secret it replaces; the record must still load
+            message = result["failure"]["message"]
+            result["failure"]["message"] = message[:Failure.model_fields["message"].metadata[0].max_length]
     return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -71,6 +73,8 @@ class Archive:
         found = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if found is None:
             self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif int(found[0]) in UPGRADABLE:
+            self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
         elif int(found[0]) != SCHEMA_VERSION:
             raise ArchiveError(f"{self.dir} has archive schema {found[0]}; this edgenas reads schema {SCHEMA_VERSION} "
                                f"(use the edgenas version that wrote it, or start a new run directory)")
@@ -114,8 +118,9 @@ class Archive:
         return self.db.execute("SELECT COALESCE(MAX(iteration) + 1, 0) FROM candidates").fetchone()[0]
 
     def best(self) -> Candidate | None:
-        """The most accurate valid candidate; the earliest wins a tie."""
-        found = self._load("SELECT record FROM candidates WHERE status='ok' ORDER BY val_accuracy DESC, iteration LIMIT 1")
+        """The last candidate promoted to best: the most accurate valid one, unless a close win failed to hold up
+        when re-run with other seeds (search.confirm_margin)."""
+        found = self._load("SELECT record FROM candidates WHERE is_best=1 ORDER BY iteration DESC LIMIT 1")
         return found[0] if found else None
 
     def recent(self, k: int) -> list[Candidate]:

@@ -127,6 +127,11 @@ class SearchConfig(Section):
     target_accuracy: float | None = Field(None, gt=0, le=1)
     patience: int | None = Field(None, ge=1)  # stop after N iterations without a new best
     max_llm_errors: int | None = Field(5, ge=1)  # stop (exit 3) after N iterations in a row end in an LLM error
+    # A one-epoch accuracy moves by points between seeds: a candidate that beats the best by less than this margin
+    # (a fraction; None: never) is trained again with confirm_runs other seeds, and becomes the best only if the
+    # mean of its runs still beats it. benchmarks/proxy_noise.py measures the spread.
+    confirm_margin: float | None = Field(0.02, ge=0, le=1)
+    confirm_runs: int = Field(1, ge=1)
     seed: int = 0
 
 

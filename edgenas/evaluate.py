@@ -40,8 +40,9 @@ class Evaluator:
             raise SandboxError(redact.scrub(str(e))) from None
         return self.info
 
-    def evaluate(self, code: str, stages: tuple[str, ...] | None = None) -> EvalResult:
-        """Run every stage (or only `stages`, e.g. build/forward/profile) on one program."""
+    def evaluate(self, code: str, stages: tuple[str, ...] | None = None, run: int = 0) -> EvalResult:
+        """Run every stage (or only `stages`, e.g. build/forward/profile) on one program. Run k trains with seed
+        train.seed + k: the same code and run give the same record, another run shows the seed-to-seed spread."""
         if not self.info:
             self.start()
         start = time.perf_counter()
@@ -50,7 +51,7 @@ class Evaluator:
         static_s = round(time.perf_counter() - start, 4)
         if problem:
             return EvalResult(status=Status.failed, failure=problem, stage="static", stage_seconds={"static": static_s}, **base)
-        self.peer.send({"kind": "evaluate", "code": code, "stages": list(stages) if stages else None})
+        self.peer.send({"kind": "evaluate", "code": code, "stages": list(stages) if stages else None, "run": run})
         # the job's time limit, then as long again for the trusted side to measure its graph
         reply = self.peer.receive(2 * self.config.eval.timeout_s + MEASURE_MARGIN_S)
         self.last_graph = b""

@@ -12,7 +12,7 @@ from edgenas import memory
 from edgenas.candidate import code_hash
 from edgenas.config import SearchConfig
 from edgenas.propose import Context, Proposal
-from edgenas.records import Candidate, Outcome
+from edgenas.records import Candidate, EvalResult, Outcome, mean_accuracy
 
 
 class LLMUnavailable(RuntimeError):
@@ -32,7 +32,16 @@ def stop_reason(archive, cfg: SearchConfig, elapsed_s: float) -> str | None:
     return None
 
 
-def assess(iteration: int, proposal: Proposal, best: Candidate | None, archive, evaluator) -> Candidate:
+def confirm(code: str, result: EvalResult, best: Candidate | None, evaluator, cfg: SearchConfig) -> list[EvalResult]:
+    """Re-runs with other seeds of a candidate that beats the best by less than search.confirm_margin: a lucky seed
+    would otherwise become the parent of every later candidate."""
+    if not (cfg.confirm_margin and best is not None and result.ok
+            and 0 < result.val_accuracy - best.val_accuracy < cfg.confirm_margin):
+        return []
+    return [evaluator.evaluate(code, run=k) for k in range(1, cfg.confirm_runs + 1)]
+
+
+def assess(iteration: int, proposal: Proposal, best: Candidate | None, archive, evaluator, cfg: SearchConfig) -> Candidate:
     """Turn a proposal into an archived candidate: LLM failure, no code, duplicate, or an evaluation."""
     common = dict(iteration=iteration, problem=proposal.problem, modification=proposal.modification,
                   code=proposal.code, parent=best.iteration if best else None, prompts=proposal.prompts,
@@ -53,10 +62,14 @@ def assess(iteration: int, proposal: Proposal, best: Candidate | None, archive, 
             status="duplicate", kind="duplicate", diagnostic=f"identical to iteration {earlier}; make a different change"), **common)
     start = time.perf_counter()
     result = evaluator.evaluate(proposal.code)
+    reruns = confirm(proposal.code, result, best, evaluator, cfg)
     best_accuracy = best.val_accuracy if best else None
-    is_best = result.ok and (best_accuracy is None or result.val_accuracy > best_accuracy)
-    return Candidate(status=result.status.value, code_hash=digest, result=result, is_best=is_best,
-                     outcome=memory.outcome_of(result, best_accuracy), eval_seconds=time.perf_counter() - start, **common)
+    accuracy = mean_accuracy(result, reruns)
+    is_best = (result.ok and all(r.ok for r in reruns)
+               and (best_accuracy is None or accuracy > best_accuracy))
+    return Candidate(status=result.status.value, code_hash=digest, result=result, reruns=reruns, is_best=is_best,
+                     outcome=memory.outcome_of(result, best_accuracy, reruns), eval_seconds=time.perf_counter() - start,
+                     **common)
 
 
 def run(archive, proposer, evaluator, cfg: SearchConfig, seed_program: str | None = None, on_iteration=None) -> str:
@@ -73,7 +86,7 @@ def run(archive, proposer, evaluator, cfg: SearchConfig, seed_program: str | Non
             proposal = Proposal("seed program", "evaluate the program given with --seed-program", seed_program)
         else:
             proposal = proposer.propose(context, iteration)
-        candidate = assess(iteration, proposal, best, archive, evaluator)
+        candidate = assess(iteration, proposal, best, archive, evaluator, cfg)
         archive.add(candidate)
         if on_iteration is not None:
             on_iteration(candidate, archive)

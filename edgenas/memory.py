@@ -6,7 +6,7 @@ much as a success does. The window is derived from the archive, so a resumed run
 
 from __future__ import annotations
 
-from edgenas.records import EvalResult, Outcome, Triple
+from edgenas.records import EvalResult, Outcome, Triple, mean_accuracy
 
 DIAGNOSTIC_CHARS = 600
 
@@ -16,11 +16,16 @@ def window(triples: list[Triple], k: int) -> list[Triple]:
     return list(triples[-k:]) if k > 0 else []
 
 
-def outcome_of(result: EvalResult, best_accuracy: float | None) -> Outcome:
+def outcome_of(result: EvalResult, best_accuracy: float | None, reruns: list[EvalResult] = ()) -> Outcome:
     if result.ok:
-        delta = None if best_accuracy is None else result.val_accuracy - best_accuracy
-        return Outcome(status="ok", val_accuracy=result.val_accuracy, delta=delta, params=result.params,
-                       macs=result.macs, peak_memory_bytes=result.peak_memory_bytes)
+        accuracy = mean_accuracy(result, list(reruns))
+        delta = None if best_accuracy is None else accuracy - best_accuracy
+        failed = next((r for r in reruns if not r.ok), None)
+        note = None if failed is None else (f"not promoted: the re-run with seed {failed.seed} failed "
+                                            f"({failed.failure.kind.value}: {failed.failure.message[:200]})")
+        return Outcome(status="ok", val_accuracy=accuracy, delta=delta, params=result.params, macs=result.macs,
+                       peak_memory_bytes=result.peak_memory_bytes, diagnostic=note,
+                       runs=[r.val_accuracy for r in (result, *reruns) if r.ok] if reruns else [])
     return Outcome(status="failed", kind=result.failure.kind.value, diagnostic=result.failure.message[:DIAGNOSTIC_CHARS],
                    params=result.params, macs=result.macs, peak_memory_bytes=result.peak_memory_bytes)
 

@@ -64,6 +64,7 @@ class EvalResult(Record):
     train_loss_last: float | None = None
     train_seconds: float | None = None
     train_images: int | None = None
+    seed: int | None = None  # the training seed (initialisation and batch order)
     latency_ms: float | None = None  # onnxruntime, batch 1, eval.latency_threads threads, median
     artifact_sha256: str | None = None  # the trained graph that was measured
     device: str = "cpu"
@@ -85,11 +86,20 @@ def failed(kind: FailureKind, message: str, **fields) -> EvalResult:
     return EvalResult(status=Status.failed, failure=Failure(kind=kind, message=message[:4000]), **fields)
 
 
+def mean_accuracy(result: EvalResult, reruns: list[EvalResult]) -> float | None:
+    """A valid candidate's accuracy: the mean over its runs that finished, when it was re-run with other seeds."""
+    if not result.ok:
+        return None
+    runs = [r.val_accuracy for r in (result, *reruns) if r.ok]
+    return sum(runs) / len(runs)
+
+
 class Outcome(Record):
     """What an attempt led to, as the feedback memory shows it to the LLM."""
 
     status: str  # ok | failed | duplicate | no_code | truncated | llm_error
-    val_accuracy: float | None = None
+    val_accuracy: float | None = None  # the mean over `runs` when the candidate was re-run
+    runs: list[float] = []  # each seed's accuracy, when a close win was re-run (search.confirm_margin)
     delta: float | None = None  # accuracy change against the best at the time (fraction)
     params: int | None = None
     macs: int | None = None
@@ -100,12 +110,14 @@ class Outcome(Record):
     def render(self) -> str:
         if self.status == "ok":
             delta = "" if self.delta is None else f" ({self.delta * 100:+.2f} points vs the best)"
+            seeds = f" (mean of {len(self.runs)} seeds: {', '.join(f'{a:.2%}' for a in self.runs)})" if self.runs else ""
             size = ", ".join(part for part in (
                 f"{self.params:,} params" if self.params is not None else "",
                 f"{self.macs / 1e6:.1f}M MACs" if self.macs is not None else "",
                 f"{self.peak_memory_bytes / 2**20:.0f} MiB train-step memory" if self.peak_memory_bytes else "",
             ) if part)
-            return f"valid: validation accuracy {self.val_accuracy:.2%}{delta}; {size}"
+            note = f"; {self.diagnostic}" if self.diagnostic else ""
+            return f"valid: validation accuracy {self.val_accuracy:.2%}{seeds}{delta}; {size}{note}"
         return f"FAILED ({self.kind}): {self.diagnostic}"
 
 
@@ -131,6 +143,7 @@ class Candidate(Record):
     modification: str = ""
     outcome: Outcome
     result: EvalResult | None = None
+    reruns: list[EvalResult] = []  # the same code trained with other seeds: a close win is confirmed before promotion
     prompts: list = []  # the message lists sent, per LLM call
     replies: list[str] = []
     tokens_in: int = 0
@@ -138,7 +151,7 @@ class Candidate(Record):
     llm_seconds: float = 0.0
     llm_calls: list[dict] = []  # per call: role, tokens in/out, seconds, cache hit, truncated
     eval_seconds: float = 0.0
-    is_best: bool = False  # became the best when it was evaluated
+    is_best: bool = False  # promoted to best (the parent of what follows) when it was evaluated
     created: float = 0.0
 
     @property
@@ -147,4 +160,4 @@ class Candidate(Record):
 
     @property
     def val_accuracy(self) -> float | None:
-        return self.result.val_accuracy if self.result and self.result.ok else None
+        return mean_accuracy(self.result, self.reruns) if self.result else None

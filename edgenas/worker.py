@@ -89,9 +89,10 @@ class TrustedWorker:
     def describe(self) -> dict:
         return {**self.info, "val_images": len(self.val_labels)}
 
-    def evaluate(self, code: str, stages: list[str] | None = None, send_progress=None) -> tuple[dict, bytes]:
-        """One candidate -> (record fields, trained ONNX graph or b"")."""
-        out = {"device": self.info["device"], "dataset": self.info["dataset"], "stage_seconds": {}}
+    def evaluate(self, code: str, stages: list[str] | None = None, run: int = 0) -> tuple[dict, bytes]:
+        """One candidate -> (record fields, trained ONNX graph or b""); run k > 0 trains with seed train.seed + k."""
+        seed = self.config.train.seed + run
+        out = {"device": self.info["device"], "dataset": self.info["dataset"], "seed": seed, "stage_seconds": {}}
         state = {"stage": None, "since": time.perf_counter(), "failure": None, "result": None, "graph": b"",
                  "graphs": set()}
 
@@ -128,7 +129,7 @@ class TrustedWorker:
                 state["result"] = message
             return None
 
-        report = self.jail.run({"code": code, "stages": stages}, on_message)
+        report = self.jail.run({"code": code, "stages": stages, "seed": seed}, on_message)
         stage = state["stage"]
         tick(None)
         out.update(isolation=report.get("isolation", []), output_tail=report.get("output_tail", "")[-1000:],
@@ -220,7 +221,8 @@ def main() -> None:
                 return
             channel.send({"kind": "ready", "info": worker.describe()})
         elif frame.kind == "evaluate" and worker is not None:
-            record, graph = worker.evaluate(frame.header["code"], frame.header.get("stages"))
+            record, graph = worker.evaluate(frame.header["code"], frame.header.get("stages"),
+                                           int(frame.header.get("run") or 0))
             channel.send({"kind": "record", "record": record}, graph)
 
     jail.die_with_parent()

@@ -24,8 +24,9 @@ from .conftest import PROGRAMS, run_cli
 TASK = Task("synthetic", 4, (3, 16, 16), BudgetConfig(max_params=10_000), "1 epoch")
 
 
-def program(accuracy: float, tag: str = "") -> str:
-    return f"ACC = {accuracy}\nTAG = {tag!r}\n\n\nclass Net(nn.Module):\n    pass\n"
+def program(accuracy: float, tag: str = "", reruns: tuple = ()) -> str:
+    """`reruns`: the accuracy each other seed gives (None: that run fails)."""
+    return f"ACC = {accuracy}\nTAG = {tag!r}\nRERUNS = {list(reruns)!r}\n\n\nclass Net(nn.Module):\n    pass\n"
 
 
 class ScriptedChat:
@@ -45,17 +46,23 @@ class ScriptedChat:
 
 
 class FakeEvaluator:
-    """Accuracy read from the program's `ACC =` line; programs tagged 'fail' fail with a shape error."""
+    """Accuracy read from the program's `ACC =` line (run k > 0: from `RERUNS` when given); programs tagged 'fail' fail with a
+    shape error."""
 
     def __init__(self):
-        self.calls = 0
+        self.calls = []
 
-    def evaluate(self, code):
-        self.calls += 1
+    def evaluate(self, code, run=0):
+        self.calls.append(run)
         if "TAG = 'fail'" in code:
             return EvalResult(status=Status.failed, failure=Failure(kind=FailureKind.shape, message="expected (2, 4)"))
         acc = float(re.search(r"ACC = ([\d.]+)", code).group(1))
-        return EvalResult(status=Status.ok, val_accuracy=acc, params=100, macs=1000, peak_memory_bytes=1 << 20)
+        reruns = eval(re.search(r"RERUNS = (.*)", code).group(1))
+        if run and reruns:
+            acc = reruns[run - 1]
+        if acc is None:
+            return EvalResult(status=Status.failed, failure=Failure(kind=FailureKind.nan, message="loss is nan"), seed=run)
+        return EvalResult(status=Status.ok, val_accuracy=acc, params=100, macs=1000, peak_memory_bytes=1 << 20, seed=run)
 
 
 def fenced(code):
@@ -138,6 +145,34 @@ def test_stop_conditions(tmp_path):
     generator = ScriptedChat(lambda m: fenced(program(0.2 + 0.1 * len(generator.seen))))
     reason = loop.run(archive, proposer(generator, improver), FakeEvaluator(), SearchConfig(iterations=100, target_accuracy=0.5))
     assert reason.startswith("reached the target") and archive.best().val_accuracy >= 0.5
+
+
+def test_a_close_win_is_confirmed_with_other_seeds_before_it_becomes_the_parent(tmp_path):
+    programs = [program(0.50), program(0.51, reruns=[0.45]), program(0.515, reruns=[0.53]), program(0.60, "clear"),
+                program(0.61, reruns=[None]), program(0.605, "tie", reruns=[0.595])]
+    generator = ScriptedChat([fenced(p) for p in programs])
+    improver = ScriptedChat(lambda m: improve(len(improver.seen)))
+    archive, evaluator = Archive(tmp_path / "run"), FakeEvaluator()
+    loop.run(archive, proposer(generator, improver), evaluator, SearchConfig(iterations=6, confirm_margin=0.02))
+    rows = archive.all()
+    assert evaluator.calls == [0, 0, 1, 0, 1, 0, 0, 1, 0, 1]  # a clear win (it 3) is not re-run
+    assert [r.is_best for r in rows] == [True, False, True, True, False, False]
+    assert rows[1].val_accuracy == pytest.approx(0.48) and rows[1].outcome.runs == [0.51, 0.45]
+    assert rows[1].outcome.delta == pytest.approx(-0.02) and rows[1].reruns[0].val_accuracy == 0.45
+    assert rows[2].val_accuracy == pytest.approx(0.5225) and rows[5].val_accuracy == pytest.approx(0.6)
+    assert "not promoted: the re-run with seed 1 failed (nan" in rows[4].outcome.render()
+    assert [r.parent for r in rows[1:]] == [0, 0, 2, 3, 3]
+    assert "mean of 2 seeds: 51.00%, 45.00%" in improver.seen[1][-1]["content"]
+    archive.close()
+    assert Archive(tmp_path / "run").best().iteration == 3  # what a resumed run builds on: the promoted one
+
+
+def test_without_a_confirm_margin_any_win_is_promoted_as_in_the_paper(tmp_path):
+    generator = ScriptedChat([fenced(program(0.50)), fenced(program(0.51, reruns=[0.45]))])
+    improver = ScriptedChat(lambda m: improve(len(improver.seen)))
+    archive, evaluator = Archive(tmp_path / "run"), FakeEvaluator()
+    loop.run(archive, proposer(generator, improver), evaluator, SearchConfig(iterations=2, confirm_margin=None))
+    assert evaluator.calls == [0, 0] and archive.best().iteration == 1 and archive.all()[1].reruns == []
 
 
 # ---------------------------------------------------------------- end to end through the CLI

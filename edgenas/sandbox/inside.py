@@ -87,6 +87,7 @@ class ProxyJob:
 
     def run(self, job: dict, payload: bytes, send) -> None:
         self.job = job
+        self.seed = job.get("seed", self.config.train.seed)  # another seed re-runs a close win (search.confirm_margin)
         self.setup()
         stage = "build"
         out: dict = {}
@@ -103,7 +104,7 @@ class ProxyJob:
     # ------------------------------------------------------------ stages
 
     def _build(self, out, send):
-        torch.manual_seed(self.config.train.seed)  # the same seed for the same code: reproducible records
+        torch.manual_seed(self.seed)  # the same seed for the same code: reproducible records
         namespace = load_module_checked(self.job["code"])
         self.model, out["constructor"] = construct(namespace["Net"], self.data.in_shape, self.data.num_classes)
 
@@ -125,7 +126,7 @@ class ProxyJob:
         per_epoch = steps_per_epoch(len(self.train_split), cfg.batch_size)
         total = max(1, round(cfg.epochs * per_epoch))
         optimizer, scheduler = build_optimizer(model, cfg, total)
-        generator = torch.Generator().manual_seed(cfg.seed)
+        generator = torch.Generator().manual_seed(self.seed)
         stats, images = [], 0
         start = time.perf_counter()
         for epoch in range(math.ceil(cfg.epochs)):
