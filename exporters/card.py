@@ -1,9 +1,4 @@
-"""Model cards: the numbers behind a shipped model, as card.json for tools and card.md for people.
-
-The markdown is rendered from whatever the card holds, so a caller adds a section by adding a key:
-top-level scalars form a summary table, a dict becomes a section (a table of its scalars, a table with
-one row per entry when its values are dicts, sub-sections otherwise), a list of dicts becomes a table.
-"""
+"""Model cards: the numbers behind a shipped model, as card.json for tools and card.md for people."""
 
 from __future__ import annotations
 
@@ -38,70 +33,63 @@ def _plain(value):
     return str(value) if isinstance(value, os.PathLike) else repr(value)
 
 
-def _scalar(value) -> bool:
-    return not isinstance(value, dict | list)
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
-    if isinstance(value, list):
-        return ", ".join(map(_fmt, value))
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _title(key: str) -> str:
-    text = str(key).replace("_", " ")
-    return text[:1].upper() + text[1:]
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 def _table(headers: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(map(_fmt, headers)) + " |", "|" + "---|" * len(headers)]
-    return lines + ["| " + " | ".join(map(_fmt, row)) + " |" for row in rows]
-
-
-def _rows_table(entries: dict | list) -> list[str]:
-    """One row per entry of a dict of dicts (first column the key) or of a list of dicts."""
-    items = list(entries.items()) if isinstance(entries, dict) else [(None, e) for e in entries]
-    columns = list(dict.fromkeys(k for _, row in items for k in row))
-    lead = [""] if isinstance(entries, dict) else []
-    return _table(lead + [_title(c) for c in columns],
-                  [([key] if isinstance(entries, dict) else []) + [row.get(c) for c in columns] for key, row in items])
-
-
-def _section(key: str, value, depth: int) -> list[str]:
-    lines = ["", "#" * depth + " " + _title(key), ""]
-    if isinstance(value, list):
-        if value and all(isinstance(v, dict) and all(map(_scalar, v.values())) for v in value):
-            return lines + _rows_table(value)
-        return lines + [f"- {_fmt(v) if _scalar(v) else json.dumps(v)}" for v in value]
-    scalars = {k: v for k, v in value.items() if _scalar(v)}
-    nested = {k: v for k, v in value.items() if not _scalar(v)}
-    if nested and not scalars and all(isinstance(v, dict) and all(map(_scalar, v.values())) for v in nested.values()):
-        return lines + _rows_table(nested)
-    if scalars:
-        lines += _table(["", "value"], [[_title(k), v] for k, v in scalars.items()])
-    for k, v in nested.items():
-        lines += _section(k, v, min(depth + 1, 6))
-    return lines
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
 
 
 def render_markdown(card: dict) -> str:
-    """The card as markdown; section order is the card's key order."""
-    name = card.get("name") or card.get("candidate") or "model"
-    lines = [f"# Model card: {name}"]
-    summary = {k: v for k, v in card.items() if _scalar(v) and k != "name"}
-    if summary:
-        lines += ["", *_table(["", "value"], [[_title(k), v] for k, v in summary.items()])]
-    for key, value in card.items():
-        if not _scalar(value):
-            lines += _section(key, value, 2)
+    """card.md: what the model is, how good and how fast it is, how it was made, and what the numbers do not say."""
+    acc, train, env, files = card["test_accuracy"], card["training"], card["environment"], card["file_bytes"]
+    seeds = sorted(acc["per_seed"], key=int)
+    lines = [
+        f"# {card['name']}", "",
+        f"An image classifier for {card['dataset']} (input {card['in_shape']}) with {card['params']:,} parameters and "
+        f"{card['macs'] / 1e6:.1f}M multiply-adds per image: candidate {card['candidate']} of an edgenas search, "
+        f"trained from scratch for {train['epochs']:g} epochs with {len(seeds)} seed(s). Test accuracy "
+        f"{_pct(acc['mean'])} in fp32 and {_pct(acc['int8_mean'])} in INT8 (mean over seeds); the shipped files are "
+        f"seed {seeds[0]}'s.", "",
+        "## Files", "",
+        *_table(["file", "what", "size"], [
+            ["`model.onnx`", "ONNX fp32, batch axis dynamic, checked against PyTorch", _size(files["fp32"])],
+            ["`model.int8.onnx`", "ONNX static INT8 (QDQ, per-channel weights, calibrated on training images)",
+             _size(files["int8"])],
+            ["`model.pt`", "PyTorch state dict, for fine-tuning", ""],
+            ["`model-seed<S>.*`", "the same for every seed", ""],
+            ["`card.json`", "everything on this card, for tools", ""]]),
+        "", "## Accuracy on the test split", "",
+        *_table(["seed", "fp32", "INT8"], [[s, _pct(acc["per_seed"][s]), _pct(acc["int8_per_seed"][s])] for s in seeds]
+                + [["mean (std)", f"{_pct(acc['mean'])} ({100 * acc['std']:.2f})",
+                    f"{_pct(acc['int8_mean'])} ({100 * acc['int8_std']:.2f})"]]),
+        "", f"The search ranked it by a one-epoch proxy on a held-out validation split: {_pct(card['val_accuracy_proxy'])}.",
+        "", f"## Latency, batch 1, on this machine ({env['cpu']}, {env['cores']} cores)", "",
+        *_table(["runtime", "threads", "p50 ms", "p90 ms"],
+                [[name.rsplit("_threads_", 1)[0].replace("_", " "), name.rsplit("_", 1)[1], f"{v['p50_ms']:.3f}",
+                  f"{v['p90_ms']:.3f}"] for name, v in card["latency_ms"].items()]),
+        "", "## How it was trained", "",
+        f"{train['epochs']:g} epochs over {train['train_images']:,} training images on {train['device']}: SGD, "
+        f"lr {train['lr']:g}, {train['schedule']} schedule, label smoothing {train['label_smoothing']:g}. The "
+        f"candidate's code ran in the edgenas jail ({', '.join(train['isolation']) or 'no isolation recorded'}); "
+        f"the test split never entered it. Export parity against PyTorch on {card['parity']['n']:,} images: max "
+        f"|logit difference| {card['parity']['max_abs_diff']:.2g}, top-1 agreement "
+        f"{card['parity']['top1_agreement']:.2%}.",
+        "", "## Limits of these numbers", "",
+        "- Test accuracy is measured once, after the search chose this model on a validation split held out from "
+        "the training images; the test split played no part in the choice.",
+        "- Latency is this machine's, not your device's: measure it there with "
+        "`python -m exporters.bench model.int8.onnx --threads N`.",
+        "- INT8 accuracy depends on the calibration images (256 from the training split).",
+        "", "## Environment", "",
+        *_table(["", "version"], [[k, v or "-"] for k, v in env.items()]),
+    ]
     return "\n".join(lines) + "\n"
 
 

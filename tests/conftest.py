@@ -28,23 +28,48 @@ def run_cli(*args, env=None, timeout=600, cwd=None):
                           env={**os.environ, **(env or {})}, timeout=timeout, cwd=cwd)
 
 
-@pytest.fixture(scope="session")
-def shared_cifar():
-    if not (SHARED_CIFAR / "train").is_dir():
-        pytest.skip("the shared CIFAR-10 copy is not beside this checkout")
-    return SHARED_CIFAR
+def write_image_folder(root: Path, splits: dict[str, int], size: tuple[int, int] = (32, 32),
+                       classes: list[str] | None = None) -> Path:
+    """A learnable stand-in for a real image set, as PNG files in <root>/<split>/<class>/: each class has its own
+    colour and stripe direction, under noise and a random phase. Tests use it where ../shared holds no real images
+    (a user's clone, CI elsewhere), so nothing that needs image files is skipped there."""
+    from PIL import Image
+
+    classes = classes or [f"class{i}" for i in range(10)]
+    rng = np.random.default_rng(0)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    for split, per_class in splits.items():
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            angle, colour = np.pi * c / len(classes), rng.uniform(40, 215, 3)
+            for i in range(per_class):
+                stripes = np.sin(12 * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 2 * np.pi))
+                pixels = colour + 40 * stripes[..., None] + rng.normal(0, 25, (h, w, 3))
+                Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:05d}.png")
+    return root
 
 
 @pytest.fixture(scope="session")
-def small_folder(tmp_path_factory, shared_cifar):
-    """A 10-class ImageFolder tree made of real CIFAR-10 images: 30 train and 10 test per class."""
+def cifar_folder(tmp_path_factory):
+    """CIFAR-10 as class folders: the real images beside the checkout when ../shared has them, else a generated
+    stand-in of the same shape (7,000 train and 1,000 test images)."""
+    if (SHARED_CIFAR / "train").is_dir():
+        return SHARED_CIFAR
+    return write_image_folder(tmp_path_factory.mktemp("cifar-like"), {"train": 700, "test": 100})
+
+
+@pytest.fixture(scope="session")
+def small_folder(tmp_path_factory, cifar_folder):
+    """A 10-class ImageFolder tree: 30 train and 10 test images per class."""
     import shutil
 
     root = tmp_path_factory.mktemp("folder")
     for split, count in (("train", 30), ("test", 10)):
-        for cls in sorted(p.name for p in (shared_cifar / split).iterdir()):
+        for cls in sorted(p.name for p in (cifar_folder / split).iterdir()):
             (root / split / cls).mkdir(parents=True)
-            for image in sorted((shared_cifar / split / cls).iterdir())[:count]:
+            for image in sorted((cifar_folder / split / cls).iterdir())[:count]:
                 shutil.copy(image, root / split / cls / image.name)
     return root
 

@@ -156,3 +156,19 @@ for fd in range(3, 21):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert f"a second '{kind}' message" in proc.stderr.strip().splitlines()[-1], proc.stderr
     only_host_files(run_dir)
+
+
+def test_a_child_that_dies_says_how_it_died(tmp_path):
+    """A model that crashes the process in finalize (a native fault): the one-line error gives the signal, the exit
+    and the last lines the process printed, not only "the process died"."""
+    attack = '''
+ct = _neuter()[2]
+print('reading address zero now', flush=True)
+ct.string_at(0)
+'''
+    proc = finalize(finished_run(tmp_path, attack))
+    assert proc.returncode == 1
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "crashed: the candidate process died with SIGSEGV" in line and "signal 11" in line, proc.stderr
+    assert "output:" in line and "reading address zero now" in proc.stderr, proc.stderr
+    only_host_files(tmp_path / "run")

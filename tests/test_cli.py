@@ -15,8 +15,8 @@ EXPECTED_KEYS = {"status", "failure", "params", "macs", "peak_memory_bytes", "va
                  "latency_ms", "device", "dataset", "stage_seconds"}
 
 
-def test_evaluate_on_shared_cifar10_prints_one_complete_json(shared_cifar):
-    proc = run_cli("evaluate", PROGRAMS / "good_cnn.py", "--dataset", "folder", "--data-root", shared_cifar,
+def test_evaluate_on_a_cifar10_folder_prints_one_complete_json(cifar_folder):
+    proc = run_cli("evaluate", PROGRAMS / "good_cnn.py", "--dataset", "folder", "--data-root", cifar_folder,
                    "--train-subset", "2000", "--val-size", "500", "--set", "train.lr=0.05", "--json")
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)  # exactly one JSON object, nothing else on stdout

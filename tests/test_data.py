@@ -4,7 +4,7 @@ import torch
 from edgenas.config import AugmentConfig, DatasetConfig
 from edgenas.data import DataError, Normalize, batches, load_data, random_crop, random_flip
 
-from .conftest import write_cifar100
+from .conftest import SHARED_CIFAR, write_cifar100, write_image_folder
 
 
 def test_validation_split_is_held_out_fixed_and_independent_of_subset():
@@ -71,16 +71,21 @@ def test_missing_dataset_says_where_to_put_it(tmp_path):
         raise AssertionError("expected DataError")
 
 
-def test_imagenette_reads_train_and_val_at_160(shared_cifar, tmp_path):
+def test_imagenette_reads_train_and_val_at_160(tmp_path):
+    """Three images per class of each split: the real ImageNette where ../shared has it, else generated ones of
+    another size under ImageNette's class names (the resize to 160 is then tested too)."""
     import shutil
 
-    source = shared_cifar.parent / "imagenette2-160"
-    for split in ("train", "val"):
-        for cls in sorted(p.name for p in (source / split).iterdir()):
-            (tmp_path / "inette" / split / cls).mkdir(parents=True)
-            for image in sorted((source / split / cls).iterdir())[:3]:
-                shutil.copy(image, tmp_path / "inette" / split / cls / image.name)
-    cfg = DatasetConfig(name="imagenette", root=str(tmp_path / "inette"), val_size=10, cache_dir=str(tmp_path / "cache"))
+    source, root = SHARED_CIFAR.parent / "imagenette2-160", tmp_path / "inette"
+    if (source / "train").is_dir():
+        for split in ("train", "val"):
+            for cls in sorted(p.name for p in (source / split).iterdir()):
+                (root / split / cls).mkdir(parents=True)
+                for image in sorted((source / split / cls).iterdir())[:3]:
+                    shutil.copy(image, root / split / cls / image.name)
+    else:
+        write_image_folder(root, {"train": 3, "val": 3}, size=(213, 160), classes=[f"n0{i:07d}" for i in range(10)])
+    cfg = DatasetConfig(name="imagenette", root=str(root), val_size=10, cache_dir=str(tmp_path / "cache"))
     data = load_data(cfg, ("train", "val", "test"))
     assert data.in_shape == (3, 160, 160) and data.num_classes == 10 and len(data.test) == 30
     assert data.classes[0].startswith("n0")

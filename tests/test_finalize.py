@@ -1,4 +1,5 @@
-"""From a finished search to deployable models, end to end through the CLI on real CIFAR-10 images."""
+"""From a finished search to deployable models, end to end through the CLI on CIFAR-10 images (real ones where
+../shared has them, a generated stand-in elsewhere)."""
 
 import json
 
@@ -8,11 +9,11 @@ from .conftest import PROGRAMS, run_cli
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, shared_cifar):
+def finished_run(tmp_path_factory, cifar_folder):
     tmp = tmp_path_factory.mktemp("finalize")
     config = tmp / "search.yaml"
     config.write_text(f"""
-dataset: {{name: folder, root: "{shared_cifar}", train_subset: 1000, val_size: 300}}
+dataset: {{name: folder, root: "{cifar_folder}", train_subset: 1000, val_size: 300}}
 train: {{lr: 0.05}}
 eval: {{timeout_s: 300, latency_runs: 3}}
 llm: {{generator: {{backend: mutate}}}}

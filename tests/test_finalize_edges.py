@@ -119,7 +119,7 @@ def test_card_has_int8_accuracy_per_seed_and_eager_percentiles(run_dir):
     assert 0 < eager["p50_ms"] <= eager["p90_ms"]
     out = run_dir / "final" / "00000"
     assert (out / "model.int8.onnx").read_bytes() == (out / "model-seed0.int8.onnx").read_bytes()
-    assert "Torch eager threads 1" in (out / "card.md").read_text()
+    assert "| torch eager | 1 |" in (out / "card.md").read_text()
 
 
 def test_timeout_stops_a_slow_seed_with_one_line(run_dir):
