@@ -9,6 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAMS = Path(__file__).parent / "programs"
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,15 +36,16 @@ def write_image_folder(root: Path, splits: dict[str, int], size: tuple[int, int]
     (a user's clone, CI elsewhere), so nothing that needs image files is skipped there."""
     from PIL import Image
 
-    classes = classes or [f"class{i}" for i in range(10)]
+    classes = classes or CIFAR10_CLASSES
     rng = np.random.default_rng(0)
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    colours = rng.uniform(40, 215, (len(classes), 3))
     for split, per_class in splits.items():
         for c, name in enumerate(classes):
             folder = root / split / name
             folder.mkdir(parents=True)
-            angle, colour = np.pi * c / len(classes), rng.uniform(40, 215, 3)
+            angle, colour = np.pi * c / len(classes), colours[c]
             for i in range(per_class):
                 stripes = np.sin(12 * (xx * np.cos(angle) + yy * np.sin(angle)) + rng.uniform(0, 2 * np.pi))
                 pixels = colour + 40 * stripes[..., None] + rng.normal(0, 25, (h, w, 3))

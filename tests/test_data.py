@@ -40,7 +40,7 @@ def test_batches_normalise_and_cover_the_split():
     assert x.dtype == torch.float32 and abs(x.mean().item()) < 0.05 and abs(x.std().item() - 1) < 0.05
 
 
-def test_folder_dataset_reads_real_images_and_caches_outside_the_data(small_folder, tmp_path):
+def test_folder_dataset_reads_images_and_caches_outside_the_data(small_folder, tmp_path):
     cfg = DatasetConfig(name="folder", root=str(small_folder), val_size=50, cache_dir=str(tmp_path))
     data = load_data(cfg, ("train", "val", "test"))
     assert data.classes[0] == "airplane" and data.num_classes == 10

@@ -123,9 +123,9 @@ def test_training_made_top1_meaningful(trained, test_images):
         assert accuracy(trained(images).numpy(), labels) > 0.3  # chance is 0.1
 
 
-def test_parity_on_real_test_images(trained, fp32_path, test_images):
+def test_parity_on_test_images(trained, fp32_path, test_images):
     report = check_parity(parity(trained, fp32_path, test_images[0]))
-    assert report["n"] == N_TEST
+    assert report["n"] == len(test_images[0]) >= 1000
     assert report["max_abs_diff"] < 1e-4 and report["top1_agreement"] >= 0.999
 
 
