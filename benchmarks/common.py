@@ -250,7 +250,7 @@ def finish(script: str, *, claim: str, target: str, passed: bool | None, args: a
     payload = {"script": script, "claim": claim, "target": target, "passed": passed, "notes": notes,
                "args": vars(args), "config": config.model_dump(mode="json") if config is not None else None,
                "machine": machine, "results": results}
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")  # default: paths among the args
     print(f"wrote {path.relative_to(REPO)}")
     return path
 

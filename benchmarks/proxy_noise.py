@@ -81,6 +81,10 @@ def main() -> None:
                   f"{trained.val_accuracy:.2%} ({rows[-1]['seconds']:.0f} s)", flush=True)
     pooled = math.sqrt(statistics.mean(r["stdev"] ** 2 for r in rows))
     diffs = [abs(a - b) for r in rows for a, b in itertools.combinations(r["proxy"], 2)]
+    # two architectures trained with the same seed share its initialisation stream and batch order: how much does
+    # their difference move from seed to seed? (the noise of the comparison the search makes, best vs candidate)
+    paired = [statistics.stdev([x - y for x, y in zip(a["proxy"], b["proxy"], strict=True)])
+              for a, b in itertools.combinations(rows, 2)] if args.seeds > 1 else [0.0]
     long_acc = [r["long"] for r in rows]
     rank = {"n": len(rows),
             "spearman_seed0_long": spearman([r["proxy"][0] for r in rows], long_acc),
@@ -88,7 +92,7 @@ def main() -> None:
             "pairwise_agreement_seed0": pairwise_agreement([r["proxy"][0] for r in rows], long_acc),
             "pairwise_agreement_mean": pairwise_agreement([r["mean"] for r in rows], long_acc)}
     spread = {"pooled_stdev": pooled, "median_seed_difference": statistics.median(diffs), "max_seed_difference": max(diffs),
-              "largest_range": max(r["range"] for r in rows)}
+              "largest_range": max(r["range"] for r in rows), "paired_difference_stdev_median": statistics.median(paired)}
     tables = [
         table(f"one-epoch proxy over {args.seeds} seeds vs {args.long_epochs} epochs (cosine), "
               f"{args.train_subset:,} train / {args.val_size:,} val images",
@@ -100,6 +104,8 @@ def main() -> None:
               [["pooled seed-to-seed stdev", f"{100 * pooled:.2f} points"],
                ["median |difference| between two seeds", f"{100 * spread['median_seed_difference']:.2f} points"],
                ["largest |difference| between two seeds", f"{100 * spread['max_seed_difference']:.2f} points"],
+               ["stdev of a same-seed difference of two archs (median)",
+                f"{100 * spread['paired_difference_stdev_median']:.2f} points"],
                ["Spearman: seed-0 proxy vs long", f"{rank['spearman_seed0_long']:.3f}"],
                ["Spearman: mean-of-seeds proxy vs long", f"{rank['spearman_mean_long']:.3f}"],
                ["pairs ordered alike: seed-0 proxy", f"{rank['pairwise_agreement_seed0']:.1%}"],
