@@ -70,7 +70,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         archive = Archive(Path(tmp) / "run")
-        loop.run(archive, proposer, InstantEvaluator(), SearchConfig(iterations=args.iterations), on_iteration=tick)
+        loop.run(archive, proposer, [InstantEvaluator()], SearchConfig(iterations=args.iterations), on_iteration=tick)
         size = (Path(tmp) / "run" / "archive.sqlite").stat().st_size
         archive.close()
     early, late = summary([t * 1000 for t in times[1 : args.window + 1]]), summary([t * 1000 for t in times[-args.window :]])

@@ -56,7 +56,7 @@ def main() -> None:
         archive.close()
     rows, best = [], None
     for c in candidates:
-        if c.val_accuracy is not None and (best is None or c.val_accuracy > best):
+        if c.is_best:  # what the loop promoted (a close win must hold up over seeds, see search.confirm_margin)
             best = c.val_accuracy
         rows.append({"iteration": c.iteration, "status": c.status, "val_accuracy": c.val_accuracy, "best": best,
                      "params": c.result.params if c.result else None, "modification": c.modification})

@@ -6,9 +6,10 @@
     RUN_DIR/events.jsonl       append-only event log (sessions' start, resume and stop: the run's wall time)
 
 Everything written passes through `redact` first, so no API key or token from the environment lands in a run.
-Contract: an iteration is written in one transaction after it finished, so a kill -9 at any moment
-loses at most the iteration in flight and never leaves a partial or duplicate row. Everything the loop
-needs to resume (next iteration, best, memory window) is derived from the rows.
+Contract: an iteration is written when it is proposed (status `pending`, with the LLM's code) and rewritten in
+one transaction when it is measured, so a kill -9 at any moment loses no LLM reply and never leaves a partial or
+duplicate row: a resumed run measures what was pending without asking the LLM again. Everything the loop needs to
+resume (next iteration, each chain's best and memory window, what is in flight) is derived from the rows.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from edgenas import redact
 from edgenas.records import Candidate, Failure
 
-SCHEMA_VERSION = 3  # 3: close wins re-run with other seeds (reruns, seed); 2: measured on the exported graph
+SCHEMA_VERSION = 3  # 3: chains, pending proposals, close wins re-run (reruns, seed); 2: measured on the graph
 UPGRADABLE = {2}  # older schemas whose records load as they are: they lack only fields that have defaults
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -38,10 +39,15 @@ CREATE TABLE IF NOT EXISTS candidates (
     code_hash TEXT,
     is_best INTEGER NOT NULL,
     created REAL NOT NULL,
-    record TEXT NOT NULL          -- the whole Candidate as JSON: code, prompts, replies, result, timings, tokens
+    record TEXT NOT NULL,
+    chain INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS candidates_hash ON candidates (code_hash);
 """
+# record: the whole Candidate as JSON (code, prompts, replies, result, re-runs, timings, tokens); the other columns
+# are copies of its fields, there to be queried
+COLUMNS = ("iteration", "status", "failure_kind", "val_accuracy", "params", "macs", "peak_memory_bytes", "latency_ms",
+           "code_hash", "is_best", "created", "record", "chain")
 
 
 class ArchiveError(RuntimeError):
@@ -62,7 +68,9 @@ def _record(candidate: Candidate) -> str:
 
 
 class Archive:
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, readonly: bool = False):
+        """`readonly`: for looking (show, pareto, finalize); an older schema is read as it is, not upgraded, so the
+        edgenas that wrote it can still resume it."""
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "candidates").mkdir(exist_ok=True)
@@ -73,7 +81,10 @@ class Archive:
         found = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         if found is None:
             self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        elif int(found[0]) in UPGRADABLE:
+        elif int(found[0]) in UPGRADABLE and readonly:
+            pass
+        elif int(found[0]) in UPGRADABLE:  # one chain, nothing pending: the new column's default says so
+            self.db.execute("ALTER TABLE candidates ADD COLUMN chain INTEGER NOT NULL DEFAULT 0")
             self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
         elif int(found[0]) != SCHEMA_VERSION:
             raise ArchiveError(f"{self.dir} has archive schema {found[0]}; this edgenas reads schema {SCHEMA_VERSION} "
@@ -86,6 +97,7 @@ class Archive:
     # ------------------------------------------------------------ writing
 
     def add(self, candidate: Candidate) -> None:
+        """Write a candidate: a new iteration, or the measured record of a pending one."""
         if candidate.code is not None:
             path = self.dir / "candidates" / f"{candidate.iteration:05d}.py"
             tmp = path.with_suffix(".tmp")
@@ -95,11 +107,12 @@ class Archive:
         row = (candidate.iteration, candidate.status, candidate.outcome.kind if candidate.status != "ok" else None,
                candidate.val_accuracy, r.params if r else None, r.macs if r else None,
                r.peak_memory_bytes if r else None, r.latency_ms if r else None, candidate.code_hash,
-               int(candidate.is_best), candidate.created or time.time(), _record(candidate))
-        try:
-            self.db.execute("INSERT INTO candidates VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row)
-        except sqlite3.IntegrityError:
-            raise ArchiveError(f"iteration {candidate.iteration} is already in {self.dir}") from None
+               int(candidate.is_best), candidate.created or time.time(), _record(candidate), candidate.chain)
+        updates = ", ".join(f"{c}=excluded.{c}" for c in COLUMNS[1:])
+        written = self.db.execute(f"INSERT INTO candidates ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
+                                  f"ON CONFLICT(iteration) DO UPDATE SET {updates} WHERE status='pending'", row).rowcount
+        if not written:
+            raise ArchiveError(f"iteration {candidate.iteration} is already in {self.dir}")
         self.event("candidate", iteration=candidate.iteration, status=candidate.status,
                    val_accuracy=candidate.val_accuracy, is_best=candidate.is_best)
 
@@ -117,17 +130,28 @@ class Archive:
     def next_iteration(self) -> int:
         return self.db.execute("SELECT COALESCE(MAX(iteration) + 1, 0) FROM candidates").fetchone()[0]
 
-    def best(self) -> Candidate | None:
-        """The last candidate promoted to best: the most accurate valid one, unless a close win failed to hold up
-        when re-run with other seeds (search.confirm_margin)."""
-        found = self._load("SELECT record FROM candidates WHERE is_best=1 ORDER BY iteration DESC LIMIT 1")
+    def best(self, chain: int | None = None) -> Candidate | None:
+        """The most accurate candidate promoted to best (of the run, or of one chain): the most accurate valid one,
+        unless a close win failed to hold up when re-run with other seeds (search.confirm_margin)."""
+        where = "" if chain is None else f" AND chain={int(chain)}"
+        found = self._load(f"SELECT record FROM candidates WHERE is_best=1{where} ORDER BY val_accuracy DESC, iteration LIMIT 1")
         return found[0] if found else None
 
-    def recent(self, k: int) -> list[Candidate]:
-        """The last k candidates, oldest first."""
+    def recent(self, k: int, chain: int | None = None) -> list[Candidate]:
+        """The last k measured candidates (of the run, or of one chain), oldest first."""
         if k <= 0:
             return []
-        return self._load("SELECT record FROM (SELECT iteration, record FROM candidates ORDER BY iteration DESC LIMIT ?) ORDER BY iteration", (k,))
+        where = "" if chain is None else f" AND chain={int(chain)}"
+        return self._load(f"SELECT record FROM (SELECT iteration, record FROM candidates WHERE status!='pending'{where} "
+                          "ORDER BY iteration DESC LIMIT ?) ORDER BY iteration", (k,))
+
+    def pending(self) -> list[Candidate]:
+        """Proposals not yet measured: what a killed run had in flight."""
+        return self._load("SELECT record FROM candidates WHERE status='pending' ORDER BY iteration")
+
+    def proposals(self, chain: int) -> int:
+        """How many iterations a chain has proposed (its LLM calls are seeded by this count)."""
+        return self.db.execute("SELECT COUNT(*) FROM candidates WHERE chain=?", (chain,)).fetchone()[0]
 
     def find_hash(self, code_hash: str) -> int | None:
         row = self.db.execute("SELECT MIN(iteration) FROM candidates WHERE code_hash=?", (code_hash,)).fetchone()
@@ -159,7 +183,7 @@ class Archive:
 
     def stats(self) -> dict:
         n, valid, tokens = self.db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(status='ok'), 0), COALESCE(SUM(json_extract(record, '$.tokens_in') + json_extract(record, '$.tokens_out')), 0) FROM candidates"
+            "SELECT COUNT(*), COALESCE(SUM(status='ok'), 0), COALESCE(SUM(json_extract(record, '$.tokens_in') + json_extract(record, '$.tokens_out')), 0) FROM candidates WHERE status!='pending'"
         ).fetchone()
         return {"iterations": n, "valid": valid, "valid_rate": valid / n if n else 0.0, "tokens": tokens}
 

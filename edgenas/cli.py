@@ -201,7 +201,7 @@ def _open_archive(run_dir):
     if not Archive.exists(run_dir):
         raise UsageError(f"{run_dir} holds no search archive (archive.sqlite)")
     try:
-        return Archive(run_dir)
+        return Archive(run_dir, readonly=True)
     except ArchiveError as e:
         raise UsageError(str(e)) from None
 

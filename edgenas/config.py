@@ -132,6 +132,11 @@ class SearchConfig(Section):
     # mean of its runs still beats it. benchmarks/proxy_noise.py measures the spread.
     confirm_margin: float | None = Field(0.02, ge=0, le=1)
     confirm_runs: int = Field(1, ge=1)
+    # Throughput: `chains` independent lineages (own best, memory window and LLM context) side by side, measured by
+    # `workers` evaluation slots (each its own warm sandbox). While one chain's candidate trains, others are writing
+    # theirs: LLM requests of different chains are in flight at once. 1 and 1 is the paper's serial loop.
+    chains: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1)
     seed: int = 0
 
 

@@ -22,19 +22,30 @@ MEASURE_MARGIN_S = 120.0  # start-up of a replaced jail and the messages, on top
 class Evaluator:
     """Evaluates candidate programs against one dataset and config; one warm worker and jail for all of them."""
 
-    def __init__(self, config: Config):
-        self.config = config
+    def __init__(self, config: Config, cpus: list[int] | None = None, gpu: int | None = None):
+        """`cpus`, `gpu`: where this evaluator's processes run (search.workers shares the machine out)."""
+        self.config, self.cpus, self.gpu = config, cpus, gpu
         self.peer: wire.Peer | None = None
         self.info: dict = {}
         self.last_graph: bytes = b""  # the trained ONNX graph of the last valid candidate
 
     def start(self) -> dict:
         """Start the worker and its jail and load the data; raises SandboxError with a one-line reason."""
+        self.launch()
+        return self.ready()
+
+    def launch(self) -> None:
+        """Start the worker process, which then loads its data. The worker dies with the thread that launched it
+        (PR_SET_PDEATHSIG follows threads): launch from a thread that outlives the evaluator."""
         self.close()
-        self.peer = wire.Peer("edgenas.worker", clean_env())
+        env = clean_env() if self.gpu is None else {**clean_env(), "CUDA_VISIBLE_DEVICES": str(self.gpu)}
+        self.peer = wire.Peer("edgenas.worker", env)
+        self.peer.send({"kind": "init", "init": {"config": self.config.model_dump(mode="json"), "cpus": self.cpus}})
+
+    def ready(self) -> dict:
+        """Wait until the launched worker is ready (any thread may wait)."""
         try:
-            self.info = self.peer.handshake({"kind": "init", "init": {"config": self.config.model_dump(mode="json")}},
-                                            STARTUP_TIMEOUT_S)
+            self.info = self.peer.ready(STARTUP_TIMEOUT_S)
         except wire.WireError as e:
             self.close()
             raise SandboxError(redact.scrub(str(e))) from None
@@ -46,7 +57,7 @@ class Evaluator:
         if not self.info:
             self.start()
         start = time.perf_counter()
-        base = {"device": self.info["device"], "dataset": self.info["dataset"]}
+        base = {"device": self.info["device"], "dataset": self.info["dataset"], "seed": self.config.train.seed + run}
         problem = check_source(code)
         static_s = round(time.perf_counter() - start, 4)
         if problem:

@@ -1,12 +1,16 @@
 """The search loop: improver -> generator -> evaluator -> memory -> best, until a stop condition.
 
-It talks only to narrow interfaces (proposer, evaluator, archive) and holds no state of its own:
-the archive is the truth, so a killed run resumes where its last completed iteration left it.
+search.chains independent lineages (each with its own best, memory window and LLM context) run side by side over
+search.workers evaluation slots: one chain's proposal is written while another's candidate trains. One chain and
+one worker is the paper's serial loop. The loop holds no state of its own: the archive is the truth (a proposal is
+in it before it is measured), so a killed run resumes where it stood without asking the LLM again.
 """
 
 from __future__ import annotations
 
+import queue
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from edgenas import memory
 from edgenas.candidate import code_hash
@@ -32,18 +36,18 @@ def stop_reason(archive, cfg: SearchConfig, elapsed_s: float) -> str | None:
     return None
 
 
-def confirm(code: str, result: EvalResult, best: Candidate | None, evaluator, cfg: SearchConfig) -> list[EvalResult]:
-    """Re-runs with other seeds of a candidate that beats the best by less than search.confirm_margin: a lucky seed
-    would otherwise become the parent of every later candidate."""
-    if not (cfg.confirm_margin and best is not None and result.ok
-            and 0 < result.val_accuracy - best.val_accuracy < cfg.confirm_margin):
-        return []
-    return [evaluator.evaluate(code, run=k) for k in range(1, cfg.confirm_runs + 1)]
+def context(archive, chain: int, k: int) -> Context:
+    """What a chain's next proposal builds on: its best (the run's best until it has one of its own), its last
+    attempt and its memory window."""
+    recent = archive.recent(max(1, k), chain)
+    best = archive.best(chain) or archive.best()
+    return Context(best, recent[-1] if recent else None, memory.window([c.triple for c in recent], k))
 
 
-def assess(iteration: int, proposal: Proposal, best: Candidate | None, archive, evaluator, cfg: SearchConfig) -> Candidate:
-    """Turn a proposal into an archived candidate: LLM failure, no code, duplicate, or an evaluation."""
-    common = dict(iteration=iteration, problem=proposal.problem, modification=proposal.modification,
+def triage(iteration: int, chain: int, proposal: Proposal, best: Candidate | None, archive) -> Candidate:
+    """A proposal as the archive first holds it: final when the LLM failed, sent no code, was cut off or repeated an
+    earlier program (in flight ones included); otherwise pending, to be measured."""
+    common = dict(iteration=iteration, chain=chain, problem=proposal.problem, modification=proposal.modification,
                   code=proposal.code, parent=best.iteration if best else None, prompts=proposal.prompts,
                   replies=proposal.replies, tokens_in=proposal.tokens_in, tokens_out=proposal.tokens_out,
                   llm_seconds=proposal.llm_seconds, llm_calls=proposal.calls, created=time.time())
@@ -60,40 +64,87 @@ def assess(iteration: int, proposal: Proposal, best: Candidate | None, archive, 
     if earlier is not None:
         return Candidate(status="duplicate", code_hash=digest, duplicate_of=earlier, outcome=Outcome(
             status="duplicate", kind="duplicate", diagnostic=f"identical to iteration {earlier}; make a different change"), **common)
+    return Candidate(status="pending", code_hash=digest, outcome=Outcome(status="pending"), **common)
+
+
+def confirm(code: str, result: EvalResult, best: Candidate | None, evaluator, cfg: SearchConfig) -> list[EvalResult]:
+    """Re-runs with other seeds of a candidate that beats the best by less than search.confirm_margin: a lucky seed
+    would otherwise become the parent of every later candidate."""
+    if not (cfg.confirm_margin and best is not None and result.ok
+            and 0 < result.val_accuracy - best.val_accuracy < cfg.confirm_margin):
+        return []
+    return [evaluator.evaluate(code, run=k) for k in range(1, cfg.confirm_runs + 1)]
+
+
+def measure(pending: Candidate, best: Candidate | None, evaluator, cfg: SearchConfig) -> Candidate:
+    """A pending candidate's measured record; `best` is its chain's best, the bar for promotion."""
     start = time.perf_counter()
-    result = evaluator.evaluate(proposal.code)
-    reruns = confirm(proposal.code, result, best, evaluator, cfg)
+    result = evaluator.evaluate(pending.code)
+    reruns = confirm(pending.code, result, best, evaluator, cfg)
     best_accuracy = best.val_accuracy if best else None
-    accuracy = mean_accuracy(result, reruns)
-    is_best = (result.ok and all(r.ok for r in reruns)
-               and (best_accuracy is None or accuracy > best_accuracy))
-    return Candidate(status=result.status.value, code_hash=digest, result=result, reruns=reruns, is_best=is_best,
-                     outcome=memory.outcome_of(result, best_accuracy, reruns), eval_seconds=time.perf_counter() - start,
-                     **common)
+    is_best = result.ok and all(r.ok for r in reruns) and (best_accuracy is None or mean_accuracy(result, reruns) > best_accuracy)
+    return pending.model_copy(update=dict(
+        status=result.status.value, result=result, reruns=reruns, is_best=is_best, eval_seconds=time.perf_counter() - start,
+        outcome=memory.outcome_of(result, best_accuracy, reruns)))
 
 
-def run(archive, proposer, evaluator, cfg: SearchConfig, seed_program: str | None = None, on_iteration=None) -> str:
-    """Iterate until a stop condition; returns the reason. Safe to call again on the same archive.
-    Raises LLMUnavailable after search.max_llm_errors LLM errors in a row."""
-    started = time.monotonic()
-    errors = 0  # in this session only: a resumed run gives a repaired endpoint a fresh chance
-    while (reason := stop_reason(archive, cfg, time.monotonic() - started)) is None:
-        iteration = archive.next_iteration()
-        best = archive.best()
-        recent = archive.recent(max(1, cfg.history_size))
-        context = Context(best, recent[-1] if recent else None, memory.window([c.triple for c in recent], cfg.history_size))
-        if iteration == 0 and seed_program is not None:
-            proposal = Proposal("seed program", "evaluate the program given with --seed-program", seed_program)
-        else:
-            proposal = proposer.propose(context, iteration)
-        candidate = assess(iteration, proposal, best, archive, evaluator, cfg)
-        archive.add(candidate)
-        if on_iteration is not None:
-            on_iteration(candidate, archive)
-        errors = errors + 1 if candidate.status == "llm_error" else 0
-        if cfg.max_llm_errors is not None and errors >= cfg.max_llm_errors:
-            reason = f"stopped after {errors} LLM errors in a row; the last: {candidate.outcome.diagnostic}"
-            archive.event("stop", reason=reason)
-            raise LLMUnavailable(reason)
+def run(archive, proposer, evaluators, cfg: SearchConfig, seed_program: str | None = None, on_iteration=None) -> str:
+    """Iterate until a stop condition, then let what is in flight finish; returns the reason. Safe to call again on
+    the same archive. Raises LLMUnavailable after search.max_llm_errors LLM errors in a row."""
+    started, errors, reason, llm_down = time.monotonic(), 0, None, False  # errors: this session's only
+    free = queue.SimpleQueue()  # evaluation slots: each measurement holds one
+    for evaluator in evaluators:
+        free.put(evaluator)
+
+    def measure_on_a_free_slot(pending: Candidate, best: Candidate | None) -> Candidate:
+        evaluator = free.get()
+        try:
+            return measure(pending, best, evaluator, cfg)
+        finally:
+            free.put(evaluator)
+
+    def propose(ctx: Context, draw: int) -> tuple[Proposal, Candidate | None]:
+        if draw < 0:
+            return Proposal("seed program", "evaluate the program given with --seed-program", seed_program), None
+        return proposer.propose(ctx, draw), ctx.best
+
+    draws = {chain: archive.proposals(chain) for chain in range(cfg.chains)}  # seeds the LLM calls: reproducible
+    seeding = seed_program is not None and archive.next_iteration() == 0  # the other chains wait for it
+    tasks: dict = {}  # future -> (chain, kind): a chain has one thing in flight, its proposal or its measurement
+    with ThreadPoolExecutor(max_workers=cfg.chains + len(archive.pending())) as pool:
+        for pending in archive.pending():  # a killed run's proposals: measured now, never asked of the LLM again
+            tasks[pool.submit(measure_on_a_free_slot, pending, context(archive, pending.chain, 0).best)] = (pending.chain, "measure")
+        while True:
+            reason = reason or stop_reason(archive, cfg, time.monotonic() - started)
+            for chain in range(1 if seeding else cfg.chains):
+                busy = {c for c, _ in tasks.values()}
+                proposing = sum(kind == "propose" for _, kind in tasks.values())
+                if reason or chain in busy or archive.next_iteration() + proposing >= cfg.iterations:
+                    continue
+                draw = -1 if seeding else draws[chain] * cfg.chains + chain
+                tasks[pool.submit(propose, context(archive, chain, cfg.history_size), draw)] = (chain, "propose")
+                draws[chain] += 1
+            if not tasks:
+                break
+            for future in wait(tasks, return_when=FIRST_COMPLETED).done:
+                chain, kind = tasks.pop(future)
+                if kind == "propose":
+                    proposal, parent = future.result()
+                    candidate = triage(archive.next_iteration(), chain, proposal, parent, archive)
+                    archive.add(candidate)
+                    if candidate.status == "pending":
+                        tasks[pool.submit(measure_on_a_free_slot, candidate, parent)] = (chain, "measure")
+                        continue
+                else:
+                    candidate = future.result()
+                    archive.add(candidate)
+                    seeding = False
+                if on_iteration is not None:
+                    on_iteration(candidate, archive)
+                errors = errors + 1 if candidate.status == "llm_error" else 0
+                if cfg.max_llm_errors is not None and errors >= cfg.max_llm_errors and not llm_down:
+                    reason, llm_down = f"stopped after {errors} LLM errors in a row; the last: {candidate.outcome.diagnostic}", True
     archive.event("stop", reason=reason)
+    if llm_down:
+        raise LLMUnavailable(reason)
     return reason

@@ -21,11 +21,12 @@ def outcome_of(result: EvalResult, best_accuracy: float | None, reruns: list[Eva
         accuracy = mean_accuracy(result, list(reruns))
         delta = None if best_accuracy is None else accuracy - best_accuracy
         failed = next((r for r in reruns if not r.ok), None)
+        runs = [r.val_accuracy for r in (result, *reruns) if r.ok]
         note = None if failed is None else (f"not promoted: the re-run with seed {failed.seed} failed "
                                             f"({failed.failure.kind.value}: {failed.failure.message[:200]})")
         return Outcome(status="ok", val_accuracy=accuracy, delta=delta, params=result.params, macs=result.macs,
                        peak_memory_bytes=result.peak_memory_bytes, diagnostic=note,
-                       runs=[r.val_accuracy for r in (result, *reruns) if r.ok] if reruns else [])
+                       runs=runs if len(runs) > 1 else [])
     return Outcome(status="failed", kind=result.failure.kind.value, diagnostic=result.failure.message[:DIAGNOSTIC_CHARS],
                    params=result.params, macs=result.macs, peak_memory_bytes=result.peak_memory_bytes)
 

@@ -169,9 +169,10 @@ def _measure(candidates: Sequence[Candidate], budget: BudgetConfig) -> tuple[lis
 
     A cost no valid candidate lacks becomes an objective; one missing anywhere (say latency that was
     not measured) is left out for all, so no candidate wins or loses by a measurement it never had.
-    A missing value under a budget limit counts as over it (see violation()).
+    A missing value under a budget limit counts as over it (see violation()). A candidate that failed when re-run
+    with another seed (search.confirm_margin) trains unreliably and is left out.
     """
-    valid = [c for c in candidates if c.status == "ok" and c.val_accuracy is not None]
+    valid = [c for c in candidates if c.status == "ok" and c.val_accuracy is not None and all(r.ok for r in c.reruns)]
     columns = [[-c.val_accuracy for c in valid]]
     for name in _OBJECTIVES:
         column = [getattr(c.result, name) for c in valid]

@@ -134,10 +134,11 @@ class Candidate(Record):
     """One iteration of a search, as the archive stores it."""
 
     iteration: int
-    status: str  # ok | failed | duplicate | no_code | truncated | llm_error
+    status: str  # ok | failed | duplicate | no_code | truncated | llm_error, or pending (proposed, not measured yet)
+    chain: int = 0  # the lineage it belongs to (search.chains)
     code: str | None = None
     code_hash: str | None = None
-    parent: int | None = None  # the best candidate's iteration when this one was proposed
+    parent: int | None = None  # the iteration its code was derived from (its chain's best when it was proposed)
     duplicate_of: int | None = None
     problem: str = ""
     modification: str = ""

@@ -55,10 +55,11 @@ def candidate_rows(candidates) -> list[dict]:
     for c in candidates:
         r = c.result
         rows.append({
-            "iteration": c.iteration, "status": c.status,
-            "failure_kind": None if c.status == "ok" else c.outcome.kind,
-            "failure_reason": None if c.status == "ok" else c.outcome.diagnostic,
-            "val_accuracy": c.val_accuracy, "params": r.params if r else None, "macs": r.macs if r else None,
+            "iteration": c.iteration, "chain": c.chain, "status": c.status,
+            "failure_kind": None if c.status in ("ok", "pending") else c.outcome.kind,
+            "failure_reason": None if c.status in ("ok", "pending") else c.outcome.diagnostic,
+            "note": c.outcome.diagnostic if c.status == "ok" else None,  # e.g. why a close win was not promoted
+            "val_accuracy": c.val_accuracy, "seed_accuracies": c.outcome.runs, "params": r.params if r else None, "macs": r.macs if r else None,
             "peak_memory_bytes": r.peak_memory_bytes if r else None, "latency_ms": r.latency_ms if r else None,
             "problem": c.problem, "modification": c.modification, "is_best": c.is_best, "parent": c.parent,
             "tokens_in": c.tokens_in, "tokens_out": c.tokens_out, "llm_seconds": round(c.llm_seconds, 3),
@@ -75,11 +76,13 @@ def _mib(value: int | None) -> str:
 def candidates_table(rows: list[dict], console: Console | None = None) -> None:
     """Failed rows carry their reason, so nobody has to open the JSON to learn why a candidate failed."""
     console = console or Console()
-    table = Table("it", "status", "val acc", "params", "MACs", "memory", "modification", "failure reason")
+    table = Table("it", "status", "val acc", "params", "MACs", "memory", "modification", "failure reason / note")
     for row in rows:
-        status = row["status"] if row["status"] == "ok" else f"[red]{row['status']}:{row['failure_kind']}[/]"
+        status = row["status"] if row["status"] in ("ok", "pending") else f"[red]{row['status']}:{row['failure_kind']}[/]"
         acc = "-" if row["val_accuracy"] is None else f"{row['val_accuracy']:.2%}" + (" *" if row["is_best"] else "")
-        reason = Text(redact.scrub(row["failure_reason"] or "")[:200])
+        if len(row["seed_accuracies"]) > 1:
+            acc += f" ({len(row['seed_accuracies'])} seeds)"
+        reason = Text(redact.scrub(row["failure_reason"] or row["note"] or "")[:200])
         table.add_row(str(row["iteration"]), status, acc, _si(row["params"]), _si(row["macs"]),
                       _mib(row["peak_memory_bytes"]), Text(redact.scrub(row["modification"])[:70]), reason)
     console.print(table)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -12,8 +14,10 @@ from edgenas.config import Config, ConfigError, dump_config, load_config
 from edgenas.llm.base import Sampling
 from edgenas.prompts import Task
 
+NVIDIA_GPUS = "/proc/driver/nvidia/gpus"  # one entry per GPU the driver sees: counted without importing torch
+
 # Keys that may change when a run is resumed: how long it goes on, never what a candidate is measured against.
-RESUMABLE = {"search.iterations", "search.max_wall_s", "search.patience", "search.target_accuracy",
+RESUMABLE = {"search.iterations", "search.max_wall_s", "search.patience", "search.target_accuracy", "search.workers",
              "search.max_llm_errors", "llm.cache", "llm.cache_dir"}
 
 
@@ -85,14 +89,39 @@ def cache_path(config: Config) -> str | None:
     return str(root / "llm-replies.sqlite")
 
 
-def run_search(config: Config, run_dir: Path, resuming: bool, seed_program: str | None = None, console=None) -> dict:
-    """Start the evaluator and the proposer, then open the run directory: a bad data path or model fails before
-    anything is written, so no half-made run blocks the corrected command. `search.max_wall_s` counts every session."""
+def placements(workers: int, device: str) -> list[dict]:
+    """Where each evaluation slot runs: its own share of this process's cores and, on GPUs, the visible GPUs in
+    turn. One slot keeps the whole machine, as the serial loop does."""
+    if workers == 1:
+        return [{}]
+    cores = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cores) // workers)
+    gpus = sorted(os.listdir(NVIDIA_GPUS)) if device != "cpu" and os.path.isdir(NVIDIA_GPUS) else []
+    return [{"cpus": cores[(i * share) % len(cores):][:share], "gpu": i % len(gpus) if gpus else None}
+            for i in range(workers)]
+
+
+def start_evaluators(config: Config, stack: contextlib.ExitStack) -> list:
+    """search.workers evaluators, launched from this thread (their processes live as long as it does) and loading
+    their data side by side; closed with `stack`."""
     from edgenas.evaluate import Evaluator
 
+    evaluators = [stack.enter_context(contextlib.closing(Evaluator(config, **where)))
+                  for where in placements(config.search.workers, config.eval.device)]
+    for evaluator in evaluators:
+        evaluator.launch()
+    for evaluator in evaluators:
+        evaluator.ready()
+    return evaluators
+
+
+def run_search(config: Config, run_dir: Path, resuming: bool, seed_program: str | None = None, console=None) -> dict:
+    """Start the evaluators and the proposer, then open the run directory: a bad data path or model fails before
+    anything is written, so no half-made run blocks the corrected command. `search.max_wall_s` counts every session."""
     redact.register([config.llm.generator.api_key_env, config.llm.improver.api_key_env])
-    with Evaluator(config) as evaluator:
-        proposer = make_proposer(config, task_of(config, evaluator.info), cache_path(config))
+    with contextlib.ExitStack() as stack:
+        evaluators = start_evaluators(config, stack)
+        proposer = make_proposer(config, task_of(config, evaluators[0].info), cache_path(config))
         proposer.check()  # endpoint, model, key: one line now rather than a run of failed iterations
         archive = Archive(run_dir)
         try:
@@ -101,9 +130,9 @@ def run_search(config: Config, run_dir: Path, resuming: bool, seed_program: str 
             cfg = config.search.model_copy(update={"max_wall_s": left})
             (run_dir / "config.yaml").write_text(redact.scrub(dump_config(config)))
             archive.event("resume" if resuming else "start", iteration=archive.next_iteration())
-            with Display(console, config.search.iterations, archive) as display:
+            with Display(console, config.search, archive) as display:
                 seed = seed_program if not resuming else None
-                reason = loop.run(archive, proposer, evaluator, cfg, seed, display.update)
+                reason = loop.run(archive, proposer, evaluators, cfg, seed, display.update)
             if limit is not None and spent and reason.startswith("reached the wall-time limit"):
                 reason = f"reached the wall-time limit of {limit:g} s ({spent:.0f} s of it in earlier sessions)"
             best = archive.best()
@@ -115,31 +144,40 @@ def run_search(config: Config, run_dir: Path, resuming: bool, seed_program: str 
 
 
 class Display:
-    """Live progress: iteration, best accuracy, last outcome, valid rate, tokens, elapsed."""
+    """Live progress: iteration, best accuracy, last outcome, valid rate, tokens, throughput and how busy the LLM
+    and the evaluation slots were this session."""
 
-    def __init__(self, console, total: int, archive):
+    def __init__(self, console, search, archive):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.console = console or Console(stderr=True)
+        self.search = search
+        self.done, self.llm_s, self.eval_s = 0, 0.0, 0.0
+        self.started = time.monotonic()
         self.progress = Progress(TextColumn("search"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                                  TimeElapsedColumn(), console=self.console, transient=True)
-        self.task = self.progress.add_task(self._describe(archive), total=total, completed=archive.next_iteration())
-        self.started = time.monotonic()
+        self.task = self.progress.add_task(self._describe(archive), total=search.iterations,
+                                           completed=archive.next_iteration())
 
-    @staticmethod
-    def _describe(archive) -> str:
+    def _describe(self, archive) -> str:
         best, stats = archive.best(), archive.stats()
         best_text = f"best {best.val_accuracy:.2%} (it {best.iteration})" if best else "best -"
-        return f"{best_text} | valid {stats['valid_rate']:.0%} | tokens {stats['tokens']:,}"
+        hours = max(time.monotonic() - self.started, 1e-9) / 3600
+        pace = (f" | {self.done / hours:.0f} it/h, LLM {self.llm_s / 3600 / hours / self.search.chains:.0%} and "
+                f"evaluators {self.eval_s / 3600 / hours / self.search.workers:.0%} busy") if self.done else ""
+        return f"{best_text} | valid {stats['valid_rate']:.0%} | tokens {stats['tokens']:,}{pace}"
 
     def update(self, candidate, archive) -> None:
+        self.done, self.llm_s, self.eval_s = self.done + 1, self.llm_s + candidate.llm_seconds, self.eval_s + candidate.eval_seconds
         last = candidate.outcome.render() if candidate.status == "ok" else f"{candidate.status}: {candidate.outcome.kind}"
         mark = " *new best*" if candidate.is_best else ""
+        chain = f" chain {candidate.chain}" if self.search.chains > 1 else ""
         elapsed = time.monotonic() - self.started
         last = redact.scrub(last)[:110]  # scrub first: a clipped secret is still a secret
-        self.console.print(f"[{elapsed:7.1f}s] it {candidate.iteration:4d}  {last}{mark}", highlight=False, markup=False)
-        self.progress.update(self.task, completed=candidate.iteration + 1, description=self._describe(archive))
+        self.console.print(f"[{elapsed:7.1f}s] it {candidate.iteration:4d}{chain}  {last}{mark}", highlight=False,
+                           markup=False)
+        self.progress.update(self.task, completed=archive.stats()["iterations"], description=self._describe(archive))
 
     def __enter__(self):
         self.progress.start()

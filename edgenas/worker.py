@@ -72,6 +72,8 @@ class TrustedWorker:
         from edgenas.data import load_data
 
         self.config = Config.model_validate(init["config"])
+        if init.get("cpus"):  # this evaluation slot's share of the cores: the jail and the measurements inherit it
+            os.sched_setaffinity(0, init["cpus"])
         val = load_data(self.config.dataset, parts=("val",)).val
         self.val_images, self.val_labels = val.images.numpy(), val.labels.numpy()
         self.jail = JailClient("edgenas.sandbox.inside:ProxyJob", {"config": init["config"]}, limits_of(self.config))

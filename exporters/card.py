@@ -56,7 +56,7 @@ def render_markdown(card: dict) -> str:
         f"{card['macs'] / 1e6:.1f}M multiply-adds per image: candidate {card['candidate']} of an edgenas search, "
         f"trained from scratch for {train['epochs']:g} epochs with {len(seeds)} seed(s). Test accuracy "
         f"{_pct(acc['mean'])} in fp32 and {_pct(acc['int8_mean'])} in INT8 (mean over seeds); the shipped files are "
-        f"seed {seeds[0]}'s.", "",
+        f"seed {card['shipped_seed']}'s.", "",
         "## Files", "",
         *_table(["file", "what", "size"], [
             ["`model.onnx`", "ONNX fp32, batch axis dynamic, checked against PyTorch", _size(files["fp32"])],
@@ -69,7 +69,8 @@ def render_markdown(card: dict) -> str:
         *_table(["seed", "fp32", "INT8"], [[s, _pct(acc["per_seed"][s]), _pct(acc["int8_per_seed"][s])] for s in seeds]
                 + [["mean (std)", f"{_pct(acc['mean'])} ({100 * acc['std']:.2f})",
                     f"{_pct(acc['int8_mean'])} ({100 * acc['int8_std']:.2f})"]]),
-        "", f"The search ranked it by a one-epoch proxy on a held-out validation split: {_pct(card['val_accuracy_proxy'])}.",
+        "", f"In the search, its proxy accuracy on a validation split held out from the training images was "
+        f"{_pct(card['val_accuracy_proxy'])}.",
         "", f"## Latency, batch 1, on this machine ({env['cpu']}, {env['cores']} cores)", "",
         *_table(["runtime", "threads", "p50 ms", "p90 ms"],
                 [[name.rsplit("_threads_", 1)[0].replace("_", " "), name.rsplit("_", 1)[1], f"{v['p50_ms']:.3f}",
@@ -78,7 +79,7 @@ def render_markdown(card: dict) -> str:
         f"{train['epochs']:g} epochs over {train['train_images']:,} training images on {train['device']}: SGD, "
         f"lr {train['lr']:g}, {train['schedule']} schedule, label smoothing {train['label_smoothing']:g}. The "
         f"candidate's code ran in the edgenas jail ({', '.join(train['isolation']) or 'no isolation recorded'}); "
-        f"the test split never entered it. Export parity against PyTorch on {card['parity']['n']:,} images: max "
+        f"the test split never entered it. Export parity against PyTorch on {int(card['parity']['n']):,} images: max "
         f"|logit difference| {card['parity']['max_abs_diff']:.2g}, top-1 agreement "
         f"{card['parity']['top1_agreement']:.2%}.",
         "", "## Limits of these numbers", "",

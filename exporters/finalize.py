@@ -203,7 +203,7 @@ def finalize(run_dir, top: int = 3, ids: list[int] | None = None, epochs: int = 
 
     run_dir = Path(run_dir).resolve()
     config = load_config(run_dir / "config.yaml", [*FULL_TRAINING, f"train.epochs={epochs}", *overrides])
-    archive = Archive(run_dir)
+    archive = Archive(run_dir, readonly=True)
     try:
         chosen = choose(archive, config.budget, top, ids)
     finally:
@@ -306,6 +306,8 @@ def _train_seed(jail, candidate, seed: int, epochs: int, settings: str, out_dir:
         tail = report.get("output_tail", "").strip().splitlines()[-3:]
         raise FinalizeError(f"{where}: {kind.value}: {why} (exit code {report.get('exit_code')}, signal "
                             f"{report.get('signal')}){'; output: ' + ' | '.join(tail) if tail else ''}")
+    if result.parity is None or result.train_images is None:
+        raise FinalizeError(f"{where}: crashed: the job's result lacks its parity check or its count of training images")
     try:
         graph = referee.load(got["graph"], tuple(jail.info["in_shape"]), jail.info["num_classes"])
         accuracy, loss = _onnx_accuracy(got["graph"], reference)
@@ -369,6 +371,7 @@ def _measure_and_card(candidate, seed_results, out_dir: Path, config, info) -> d
     int8_accuracies = [r["test_accuracy_int8"] for r in seed_results]
     card = {
         "name": f"{info['dataset']}-candidate-{candidate.iteration:05d}", "candidate": candidate.iteration,
+        "shipped_seed": first["seed"],
         "dataset": info["dataset"], "in_shape": "x".join(map(str, info["in_shape"])),
         "params": first["params"], "macs": candidate.result.macs, "val_accuracy_proxy": candidate.val_accuracy,
         "training": {"epochs": config.train.epochs, "schedule": config.train.schedule, "lr": config.train.lr,

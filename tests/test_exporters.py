@@ -187,7 +187,7 @@ def test_bench_cli_prints_json(fp32_path):
 def test_write_card(trained, fp32_path, int8_path, tmp_path):
     """card.md reads as a model card: what the model is, its files, accuracy per seed, latency, training, limits."""
     latency = bench(int8_path, threads=1, runs=20, warmup=3)
-    card = {"name": "cifar10-candidate-00007", "candidate": 7, "dataset": "cifar10", "in_shape": "3x32x32",
+    card = {"name": "cifar10-candidate-00007", "candidate": 7, "shipped_seed": 1, "dataset": "cifar10", "in_shape": "3x32x32",
             "params": count_params(trained), "macs": 2_500_000, "val_accuracy_proxy": 0.4512,
             "training": {"epochs": 30.0, "schedule": "cosine", "lr": 0.05, "label_smoothing": 0.1,
                          "train_images": 45_000, "device": "cpu", "isolation": ["pid_namespace", "seccomp"]},
@@ -195,7 +195,7 @@ def test_write_card(trained, fp32_path, int8_path, tmp_path):
                               "int8_per_seed": {"0": 0.8101, "1": 0.8052}, "int8_mean": 0.8077, "int8_std": 0.0025,
                               "onnx_fp32": 0.8123, "onnx_int8": 0.8101},
             "file_bytes": {"fp32": fp32_path.stat().st_size, "int8": int8_path.stat().st_size},
-            "parity": {"n": 1000, "max_abs_diff": 3e-6, "top1_agreement": 1.0},
+            "parity": {"n": 1000.0, "max_abs_diff": 3e-6, "top1_agreement": 1.0},  # as the job's message has it
             "latency_ms": {"onnxruntime_int8_threads_1": {"p50_ms": latency["p50_ms"], "p90_ms": latency["p90_ms"]}},
             "environment": environment()}
     json_path, md_path = write_card(tmp_path / "card", card)
@@ -206,5 +206,6 @@ def test_write_card(trained, fp32_path, int8_path, tmp_path):
     for needle in ("| 0 | 81.23% | 81.01% |", "| 1 | 80.77% | 80.52% |", "| mean (std) | 81.00% (0.23) | 80.77% (0.25) |",
                    f"| onnxruntime int8 | 1 | {latency['p50_ms']:.3f} | {latency['p90_ms']:.3f} |", "45.12%",
                    "30 epochs over 45,000 training images", "pid_namespace, seccomp", "## Limits of these numbers",
+                   "the shipped files are seed 1's", "PyTorch on 1,000 images",
                    f"| onnxruntime | {ort.__version__} |"):
         assert needle in text, needle

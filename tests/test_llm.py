@@ -228,7 +228,7 @@ def test_search_loop_driven_by_the_in_process_model(tiny_model, tmp_path):
     chat = make_chat_model(LLMConfig(backend="transformers", model=str(tiny_model), max_tokens=24), str(tmp_path / "cache.sqlite"))
     task = Task("synthetic", 4, (3, 16, 16), BudgetConfig(), "1 epoch")
     archive = Archive(tmp_path / "run")
-    loop.run(archive, LLMProposer(chat, chat, Sampling(max_tokens=24), Sampling(max_tokens=24), task), Evaluator(),
+    loop.run(archive, LLMProposer(chat, chat, Sampling(max_tokens=24), Sampling(max_tokens=24), task), [Evaluator()],
              SearchConfig(iterations=3))
     rows = archive.all()
     assert [r.iteration for r in rows] == [0, 1, 2]

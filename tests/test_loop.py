@@ -82,7 +82,7 @@ def test_loop_keeps_the_best_and_records_every_outcome(tmp_path):
                               "I cannot help with that.", fenced(program(0.5)), fenced(program(0.6))])
     improver = ScriptedChat([improve(i) for i in range(5)])
     archive = Archive(tmp_path / "run")
-    reason = loop.run(archive, proposer(generator, improver), FakeEvaluator(), SearchConfig(iterations=6))
+    reason = loop.run(archive, proposer(generator, improver), [FakeEvaluator()], SearchConfig(iterations=6))
     rows = archive.all()
     assert reason == "reached 6 iterations"
     assert [r.status for r in rows] == ["ok", "ok", "failed", "no_code", "duplicate", "ok"]
@@ -99,7 +99,7 @@ def test_exactly_the_last_k_triples_reach_the_improver(tmp_path, k):
     n = 8
     generator = ScriptedChat(lambda m: fenced(program(0.1 + 0.01 * len(generator.seen))))
     improver = ScriptedChat(lambda m: improve(len(improver.seen)))
-    loop.run(Archive(tmp_path / "run"), proposer(generator, improver), FakeEvaluator(), SearchConfig(iterations=n, history_size=k))
+    loop.run(Archive(tmp_path / "run"), proposer(generator, improver), [FakeEvaluator()], SearchConfig(iterations=n, history_size=k))
     last_prompt = improver.seen[-1][-1]["content"]
     shown = [int(i) for i in re.findall(r"^- iteration (\d+):", last_prompt, re.M)]
     assert shown == list(range(n - 1 - k, n - 1))
@@ -110,7 +110,7 @@ def test_exactly_the_last_k_triples_reach_the_improver(tmp_path, k):
 def test_failures_are_first_class_memory_entries(tmp_path):
     generator = ScriptedChat([fenced(program(0.3)), fenced(program(0.1, "fail")), fenced(program(0.4))])
     improver = ScriptedChat([improve(0), improve(1)])
-    loop.run(Archive(tmp_path / "run"), proposer(generator, improver), FakeEvaluator(), SearchConfig(iterations=3))
+    loop.run(Archive(tmp_path / "run"), proposer(generator, improver), [FakeEvaluator()], SearchConfig(iterations=3))
     prompt = improver.seen[-1][-1]["content"]
     assert "FAILED (shape): expected (2, 4)" in prompt and "Latest attempt (iteration 1)" in prompt
 
@@ -119,7 +119,7 @@ def test_unparseable_improver_asks_again_then_falls_back(tmp_path):
     generator = ScriptedChat([fenced(program(0.3)), fenced(program(0.4)), fenced(program(0.5))])
     improver = ScriptedChat(["no json here", '{"problem": "p", "modification": "m"}', "still prose", "and again"])
     archive = Archive(tmp_path / "run")
-    loop.run(archive, proposer(generator, improver), FakeEvaluator(), SearchConfig(iterations=3))
+    loop.run(archive, proposer(generator, improver), [FakeEvaluator()], SearchConfig(iterations=3))
     rows = archive.all()
     assert (rows[1].problem, rows[1].modification) == ("p", "m") and len(rows[1].replies) == 3
     assert rows[2].problem.startswith("(fallback") and rows[2].status == "ok"
@@ -130,7 +130,7 @@ def test_llm_errors_and_ablations_never_stop_the_loop(tmp_path):
     improver = ScriptedChat([])
     archive = Archive(tmp_path / "run")
     p = proposer(generator, improver, use_improver=False, use_reference=False)
-    loop.run(archive, p, FakeEvaluator(), SearchConfig(iterations=3, history_size=0))
+    loop.run(archive, p, [FakeEvaluator()], SearchConfig(iterations=3, history_size=0))
     assert [r.status for r in archive.all()] == ["llm_error", "ok", "ok"] and improver.seen == []
     assert "Reference model" not in generator.seen[-1][-1]["content"]
 
@@ -139,11 +139,11 @@ def test_stop_conditions(tmp_path):
     generator = ScriptedChat(lambda m: fenced(program(0.5 if len(generator.seen) < 3 else 0.1, str(len(generator.seen)))))
     improver = ScriptedChat(lambda m: improve(0))
     archive = Archive(tmp_path / "a")
-    reason = loop.run(archive, proposer(generator, improver), FakeEvaluator(), SearchConfig(iterations=100, patience=4))
+    reason = loop.run(archive, proposer(generator, improver), [FakeEvaluator()], SearchConfig(iterations=100, patience=4))
     assert reason == "no improvement in 4 iterations" and archive.next_iteration() == 5
     archive = Archive(tmp_path / "b")
     generator = ScriptedChat(lambda m: fenced(program(0.2 + 0.1 * len(generator.seen))))
-    reason = loop.run(archive, proposer(generator, improver), FakeEvaluator(), SearchConfig(iterations=100, target_accuracy=0.5))
+    reason = loop.run(archive, proposer(generator, improver), [FakeEvaluator()], SearchConfig(iterations=100, target_accuracy=0.5))
     assert reason.startswith("reached the target") and archive.best().val_accuracy >= 0.5
 
 
@@ -153,7 +153,7 @@ def test_a_close_win_is_confirmed_with_other_seeds_before_it_becomes_the_parent(
     generator = ScriptedChat([fenced(p) for p in programs])
     improver = ScriptedChat(lambda m: improve(len(improver.seen)))
     archive, evaluator = Archive(tmp_path / "run"), FakeEvaluator()
-    loop.run(archive, proposer(generator, improver), evaluator, SearchConfig(iterations=6, confirm_margin=0.02))
+    loop.run(archive, proposer(generator, improver), [evaluator], SearchConfig(iterations=6, confirm_margin=0.02))
     rows = archive.all()
     assert evaluator.calls == [0, 0, 1, 0, 1, 0, 0, 1, 0, 1]  # a clear win (it 3) is not re-run
     assert [r.is_best for r in rows] == [True, False, True, True, False, False]
@@ -167,11 +167,22 @@ def test_a_close_win_is_confirmed_with_other_seeds_before_it_becomes_the_parent(
     assert Archive(tmp_path / "run").best().iteration == 3  # what a resumed run builds on: the promoted one
 
 
+def test_several_confirm_runs_are_averaged(tmp_path):
+    generator = ScriptedChat([fenced(program(0.50)), fenced(program(0.51, reruns=[0.52, 0.47])),
+                              fenced(program(0.51, "b", reruns=[0.52, 0.53]))])
+    improver = ScriptedChat(lambda m: improve(len(improver.seen)))
+    archive, evaluator = Archive(tmp_path / "run"), FakeEvaluator()
+    loop.run(archive, proposer(generator, improver), [evaluator], SearchConfig(iterations=3, confirm_runs=2))
+    rows = archive.all()
+    assert evaluator.calls == [0, 0, 1, 2, 0, 1, 2] and [r.is_best for r in rows] == [True, False, True]
+    assert rows[1].outcome.runs == [0.51, 0.52, 0.47] and rows[2].val_accuracy == pytest.approx(0.52)
+
+
 def test_without_a_confirm_margin_any_win_is_promoted_as_in_the_paper(tmp_path):
     generator = ScriptedChat([fenced(program(0.50)), fenced(program(0.51, reruns=[0.45]))])
     improver = ScriptedChat(lambda m: improve(len(improver.seen)))
     archive, evaluator = Archive(tmp_path / "run"), FakeEvaluator()
-    loop.run(archive, proposer(generator, improver), evaluator, SearchConfig(iterations=2, confirm_margin=None))
+    loop.run(archive, proposer(generator, improver), [evaluator], SearchConfig(iterations=2, confirm_margin=None))
     assert evaluator.calls == [0, 0] and archive.best().iteration == 1 and archive.all()[1].reruns == []
 
 

@@ -109,13 +109,15 @@ def test_archive_writes_nothing_secret(secrets, tmp_path):
     message = ("abcdefgh " * 450)[:4000]
     result = failed(FailureKind.runtime, message)
     candidate = Candidate(iteration=0, status="failed", code="x = 'abcdefgh'\n", outcome=Outcome(status="failed"),
-                          result=result, prompts=[[{"role": "user", "content": "abcdefgh"}]], replies=["abcdefgh"])
+                          result=result, prompts=[[{"role": "user", "content": "abcdefgh"}]], replies=["abcdefgh"],
+                          reruns=[result])  # a close win's re-run that failed is scrubbed and clipped too
     archive = Archive(tmp_path)
     archive.add(candidate)
     archive.event("note", text="abcdefgh", path=tmp_path / "abcdefgh")
     loaded = archive.all()[0]
     archive.close()
     assert loaded.code == "x = '[redacted $MY_SERVICE_TOKEN]'\n" and len(loaded.result.failure.message) == 4000
+    assert len(loaded.reruns[0].failure.message) == 4000 and "abcdefgh" not in loaded.reruns[0].failure.message
     assert all(b"abcdefgh" not in p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
 
 

@@ -60,3 +60,38 @@ def test_seconds_spent_sums_sessions_and_skips_a_torn_line(tmp_path):
     (tmp_path / "run" / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"time": 9')
     assert archive.seconds_spent() == 60
     archive.close()
+
+
+def test_an_archive_of_schema_2_is_read_as_it_is_and_upgraded_when_a_search_writes(tmp_path):
+    """Archives written before chains and re-runs: `show` leaves them readable by the edgenas that wrote them; a
+    resumed search upgrades them in place (one chain, nothing pending) and goes on."""
+    import sqlite3
+
+    from edgenas.records import Candidate, EvalResult, Outcome, Status
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with sqlite3.connect(run / "archive.sqlite") as db:  # what schema 2 wrote: no chain column, no new fields
+        db.executescript("""
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema_version', '2');
+CREATE TABLE candidates (iteration INTEGER PRIMARY KEY, status TEXT NOT NULL, failure_kind TEXT, val_accuracy REAL,
+    params INTEGER, macs INTEGER, peak_memory_bytes INTEGER, latency_ms REAL, code_hash TEXT, is_best INTEGER NOT NULL,
+    created REAL NOT NULL, record TEXT NOT NULL);
+CREATE INDEX candidates_hash ON candidates (code_hash);
+""")
+        for i, acc in enumerate((0.3, 0.5, 0.4)):
+            c = Candidate(iteration=i, status="ok", code=f"X = {i}\n", outcome=Outcome(status="ok"), is_best=acc != 0.4,
+                          result=EvalResult(status=Status.ok, val_accuracy=acc))
+            record = c.model_dump(mode="json", exclude={"chain", "reruns"})
+            del record["result"]["seed"]
+            db.execute("INSERT INTO candidates VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                       (i, "ok", None, acc, None, None, None, None, None, int(c.is_best), 0.0, json.dumps(record)))
+    version = lambda: sqlite3.connect(run / "archive.sqlite").execute("SELECT value FROM meta").fetchone()[0]  # noqa: E731
+    shown = run_cli("show", run, "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert [r["val_accuracy"] for r in json.loads(shown.stdout)] == [0.3, 0.5, 0.4] and version() == "2"
+    archive = Archive(run)
+    assert version() == "3" and archive.best().iteration == 1 and [c.iteration for c in archive.recent(2, chain=0)] == [1, 2]
+    archive.add(Candidate(iteration=3, status="failed", outcome=Outcome(status="failed")))
+    assert archive.next_iteration() == 4 and archive.proposals(0) == 4

@@ -65,9 +65,12 @@ def test_good_candidate_is_fully_measured(evaluator):
     assert set(result.stage_seconds) >= {"static", "build", "train", "validate", "latency"}
 
 
-def test_same_code_gives_the_same_record(evaluator):
+def test_same_code_gives_the_same_record_and_another_run_another_seed(evaluator):
     a, b = (evaluator.evaluate(program("good_cnn.py")) for _ in range(2))
     assert (a.val_accuracy, a.train_loss_last, a.peak_memory_bytes) == (b.val_accuracy, b.train_loss_last, b.peak_memory_bytes)
+    c = evaluator.evaluate(program("good_cnn.py"), run=1)  # how a close win is re-run (search.confirm_margin)
+    assert (a.seed, c.seed) == (evaluator.config.train.seed, evaluator.config.train.seed + 1)
+    assert c.ok and c.train_loss_first != a.train_loss_first and c.params == a.params
 
 
 def test_model_that_needs_nchw_falls_back_from_channels_last(evaluator):

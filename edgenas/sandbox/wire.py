@@ -132,6 +132,10 @@ class Peer(Channel):
         """Send `init`, wait for {"kind": "ready", "info": ...}: the info, or WireError with the one-line reason (the
         peer's own error message, else the last line it wrote to stderr)."""
         self.send(init)
+        return self.ready(timeout)
+
+    def ready(self, timeout: float) -> dict:
+        """The second half of `handshake`, for a peer whose init was sent already."""
         reply = self.receive(timeout)
         if reply is not None and reply.kind == "ready":
             return reply.header["info"]

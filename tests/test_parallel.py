@@ -1,0 +1,161 @@
+"""Several chains over a pool of evaluation slots: every iteration exactly once, each chain's own memory window,
+LLM calls and evaluations really side by side, and a kill -9 with work in flight resumed without asking again."""
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+
+from edgenas import loop
+from edgenas.archive import Archive
+from edgenas.config import SearchConfig
+from edgenas.records import EvalResult, Status
+
+from .conftest import run_cli
+from .fake_openai import FakeOpenAI, reply
+from .test_loop import fenced, improve, program, proposer
+
+
+class Gauge:
+    """How many callers are inside at once, and the most there ever were."""
+
+    def __init__(self):
+        self.lock, self.now, self.most = threading.Lock(), 0, 0
+
+    def __enter__(self):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+
+    def __exit__(self, *exc):
+        with self.lock:
+            self.now -= 1
+
+
+class SlowChat:
+    """A thread-safe stand-in LLM that takes a while: the improver proposes, the generator writes a new program."""
+
+    identity = "slow"
+
+    def __init__(self, role: str, gauge: Gauge):
+        self.role, self.gauge, self.seen, self.lock = role, gauge, [], threading.Lock()
+
+    def chat(self, messages, sampling):
+        from edgenas.llm.base import Reply
+
+        with self.gauge:
+            time.sleep(0.05)
+        with self.lock:
+            self.seen.append(messages)
+            n = len(self.seen)
+        text = improve(n) if self.role == "improver" else fenced(program(round(0.1 + 0.01 * n, 2), tag=str(n)))
+        return Reply(text, tokens_in=10, tokens_out=5, seconds=0.05)
+
+
+class SlowEvaluator:
+    def __init__(self, shared: Gauge):
+        self.shared, self.mine = shared, Gauge()
+
+    def evaluate(self, code, run=0):
+        with self.shared, self.mine:
+            time.sleep(0.1)
+        acc = float(re.search(r"ACC = ([\d.]+)", code).group(1))
+        return EvalResult(status=Status.ok, val_accuracy=acc, params=100, macs=1000, peak_memory_bytes=1 << 20)
+
+
+def test_chains_and_workers_give_each_iteration_once_and_each_chain_its_own_window(tmp_path):
+    llm, evaluations = Gauge(), Gauge()
+    generator, improver = SlowChat("generator", llm), SlowChat("improver", llm)
+    evaluators = [SlowEvaluator(evaluations) for _ in range(2)]
+    archive, k = Archive(tmp_path / "run"), 2
+    reason = loop.run(archive, proposer(generator, improver), evaluators,
+                      SearchConfig(iterations=16, chains=3, workers=2, history_size=k, confirm_margin=None))
+    rows = archive.all()
+    assert reason == "reached 16 iterations" and [r.iteration for r in rows] == list(range(16))
+    assert not archive.pending() and all(r.status == "ok" for r in rows)
+    chain_of = {r.iteration: r.chain for r in rows}
+    assert set(chain_of.values()) == {0, 1, 2}
+    assert llm.most == 3  # the three chains' LLM calls overlap
+    assert evaluations.most == 2 and all(e.mine.most == 1 for e in evaluators)  # two slots, one candidate each
+    lineage = {c: [i for i in sorted(chain_of) if chain_of[i] == c] for c in range(3)}
+    windows = [[int(i) for i in re.findall(r"^- iteration (\d+):", m[-1]["content"], re.M)] for m in improver.seen]
+    assert sum(map(bool, windows)) >= 10
+    for shown in filter(None, windows):  # exactly the last k (or fewer, early) attempts of one chain
+        own = lineage[chain_of[shown[0]]]
+        end = own.index(shown[-1]) + 1
+        assert shown == own[max(0, end - k):end], (shown, own)
+    for r in rows:  # a chain builds on its own best once it has one
+        if r.parent is not None and any(p.is_best and p.chain == r.chain and p.iteration < r.parent for p in rows):
+            assert chain_of[r.parent] == r.chain, r.iteration
+
+
+def test_one_chain_and_one_worker_is_the_serial_loop(tmp_path):
+    llm, evaluations = Gauge(), Gauge()
+    generator, improver = SlowChat("generator", llm), SlowChat("improver", llm)
+    archive = Archive(tmp_path / "run")
+    loop.run(archive, proposer(generator, improver), [SlowEvaluator(evaluations)], SearchConfig(iterations=5))
+    rows = archive.all()
+    assert llm.most == 1 and evaluations.most == 1 and {r.chain for r in rows} == {0}
+    assert [r.parent for r in rows] == [None, 0, 1, 2, 3]  # every program is a new best here
+
+
+WIDTHS = iter(range(8, 10_000, 4))
+
+
+def responder(request):
+    """The improver asks for one change; the generator writes a network of a width never used before."""
+    time.sleep(0.3)
+    if "diagnose" in request.messages[0]["content"]:
+        return reply(json.dumps({"problem": "p", "modification": "m"}))
+    width = next(WIDTHS)
+    return reply(f"```python\nclass Net(nn.Module):\n    def __init__(self, num_classes=4):\n        super().__init__()\n"
+                 f"        self.conv = nn.Conv2d(3, {width}, 3, padding=1)\n        self.fc = nn.Linear({width}, num_classes)\n\n"
+                 f"    def forward(self, x):\n        return self.fc(F.relu(self.conv(x)).mean((2, 3)))\n```")
+
+
+def test_kill_9_with_candidates_in_flight_then_resume_loses_and_repeats_nothing(tmp_path):
+    run = tmp_path / "run"
+    with FakeOpenAI(responder) as fake:
+        config = tmp_path / "search.yaml"
+        config.write_text(f"""
+dataset: {{name: synthetic, num_classes: 4, in_shape: [3, 16, 16], synthetic_size: 256, val_size: 64}}
+train: {{batch_size: 64}}
+eval: {{timeout_s: 60, latency_runs: 2}}
+llm: {{generator: {{backend: openai, model: fake-model, base_url: "{fake.url}"}}, cache: false}}
+search: {{iterations: 10, chains: 2, workers: 2, history_size: 3}}
+""")
+        command = [sys.executable, "-m", "edgenas.cli", "search", "--config", str(config), "--run-dir", str(run)]
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline, in_flight = time.time() + 300, []
+        while time.time() < deadline and not in_flight:
+            time.sleep(0.05)
+            try:
+                with sqlite3.connect(f"file:{run / 'archive.sqlite'}?mode=ro", uri=True) as db:
+                    done = db.execute("SELECT COUNT(*) FROM candidates WHERE status!='pending'").fetchone()[0]
+                    if done >= 2:
+                        in_flight = db.execute("SELECT iteration, code_hash FROM candidates WHERE status='pending'").fetchall()
+            except sqlite3.OperationalError:
+                pass  # not created yet
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert in_flight, "no candidate was in flight when the run was killed"
+        before = len(Archive(run).all())
+        chats = lambda: sum(r.path.endswith("/chat/completions") for r in fake.requests)  # noqa: E731
+        asked_before = chats()
+        resumed = run_cli(*command[3:], "--json")
+        asked_after = chats() - asked_before
+    assert resumed.returncode == 0, resumed.stderr
+    archive = Archive(run)
+    rows = archive.all()
+    assert [r.iteration for r in rows] == list(range(10)) and not archive.pending()
+    by_iteration = {r.iteration: r for r in rows}
+    for iteration, digest in in_flight:  # measured after the resume, from the code the LLM wrote before the kill
+        assert by_iteration[iteration].code_hash == digest and by_iteration[iteration].status == "ok"
+    new_calls = sum(len(r.llm_calls) for r in rows if r.iteration >= before)
+    assert asked_after == new_calls  # the resumed session asked only for new iterations
+    assert {r.chain for r in rows} == {0, 1}
