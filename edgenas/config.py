@@ -137,6 +137,10 @@ class SearchConfig(Section):
     # theirs: LLM requests of different chains are in flight at once. 1 and 1 is the paper's serial loop.
     chains: int = Field(1, ge=1)
     workers: int = Field(1, ge=1)
+    # What each change is applied to: `best`, the chain's most accurate program (the paper), or `front`, a program
+    # drawn from the non-dominated set of accuracy against params, MACs, memory and latency within the budgets, so
+    # the small end of the front, what edge devices run, is improved too.
+    parent: Literal["best", "front"] = "best"
     seed: int = 0
 
 

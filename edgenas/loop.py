@@ -36,12 +36,19 @@ def stop_reason(archive, cfg: SearchConfig, elapsed_s: float) -> str | None:
     return None
 
 
-def context(archive, chain: int, k: int) -> Context:
-    """What a chain's next proposal builds on: its best (the run's best until it has one of its own), its last
-    attempt and its memory window."""
+def best_of(archive, chain: int) -> Candidate | None:
+    """A chain's best, the bar its candidates are promoted over: the run's best until it has one of its own."""
+    return archive.best(chain) or archive.best()
+
+
+def context(archive, chain: int, k: int, choose_parent=None, draw: int = 0) -> Context:
+    """What a chain's next proposal builds on: its best or, with `choose_parent(archive, draw)` (search.parent
+    front), a program of the accuracy-size front; its last attempt and its memory window."""
     recent = archive.recent(max(1, k), chain)
-    best = archive.best(chain) or archive.best()
-    return Context(best, recent[-1] if recent else None, memory.window([c.triple for c in recent], k))
+    best = best_of(archive, chain)
+    parent = (choose_parent(archive, draw) if choose_parent and best else None) or best
+    return Context(parent, recent[-1] if recent else None, memory.window([c.triple for c in recent], k),
+                   front=parent is not best)
 
 
 def triage(iteration: int, chain: int, proposal: Proposal, best: Candidate | None, archive) -> Candidate:
@@ -88,7 +95,8 @@ def measure(pending: Candidate, best: Candidate | None, evaluator, cfg: SearchCo
         outcome=memory.outcome_of(result, best_accuracy, reruns)))
 
 
-def run(archive, proposer, evaluators, cfg: SearchConfig, seed_program: str | None = None, on_iteration=None) -> str:
+def run(archive, proposer, evaluators, cfg: SearchConfig, seed_program: str | None = None, on_iteration=None,
+        choose_parent=None) -> str:
     """Iterate until a stop condition, then let what is in flight finish; returns the reason. Safe to call again on
     the same archive. Raises LLMUnavailable after search.max_llm_errors LLM errors in a row."""
     started, errors, reason, llm_down = time.monotonic(), 0, None, False  # errors: this session's only
@@ -113,7 +121,7 @@ def run(archive, proposer, evaluators, cfg: SearchConfig, seed_program: str | No
     tasks: dict = {}  # future -> (chain, kind): a chain has one thing in flight, its proposal or its measurement
     with ThreadPoolExecutor(max_workers=cfg.chains + len(archive.pending())) as pool:
         for pending in archive.pending():  # a killed run's proposals: measured now, never asked of the LLM again
-            tasks[pool.submit(measure_on_a_free_slot, pending, context(archive, pending.chain, 0).best)] = (pending.chain, "measure")
+            tasks[pool.submit(measure_on_a_free_slot, pending, best_of(archive, pending.chain))] = (pending.chain, "measure")
         while True:
             reason = reason or stop_reason(archive, cfg, time.monotonic() - started)
             for chain in range(1 if seeding else cfg.chains):
@@ -122,7 +130,8 @@ def run(archive, proposer, evaluators, cfg: SearchConfig, seed_program: str | No
                 if reason or chain in busy or archive.next_iteration() + proposing >= cfg.iterations:
                     continue
                 draw = -1 if seeding else draws[chain] * cfg.chains + chain
-                tasks[pool.submit(propose, context(archive, chain, cfg.history_size), draw)] = (chain, "propose")
+                ctx = context(archive, chain, cfg.history_size, choose_parent, draw)
+                tasks[pool.submit(propose, ctx, draw)] = (chain, "propose")
                 draws[chain] += 1
             if not tasks:
                 break
@@ -133,7 +142,7 @@ def run(archive, proposer, evaluators, cfg: SearchConfig, seed_program: str | No
                     candidate = triage(archive.next_iteration(), chain, proposal, parent, archive)
                     archive.add(candidate)
                     if candidate.status == "pending":
-                        tasks[pool.submit(measure_on_a_free_slot, candidate, parent)] = (chain, "measure")
+                        tasks[pool.submit(measure_on_a_free_slot, candidate, best_of(archive, chain))] = (chain, "measure")
                         continue
                 else:
                     candidate = future.result()

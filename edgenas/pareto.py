@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,6 +203,16 @@ def front_of(candidates: Sequence[Candidate], budget: BudgetConfig) -> list[Poin
     """
     points = _points(*_measure(candidates, budget))
     return sorted(points, key=lambda p: (not p.feasible, p.front, -p.val_accuracy, p.iteration))
+
+
+def parent_from_front(candidates: Sequence[Candidate], budget: BudgetConfig, draw: int) -> Candidate | None:
+    """A parent for search.parent front: one of the feasible non-dominated candidates, drawn by the proposal's
+    seed (so a re-run draws the same); None while no candidate fits the budgets."""
+    points = [p for p in front_of(candidates, budget) if p.feasible and p.front == 0]
+    if not points:
+        return None
+    chosen = random.Random(draw).choice(points).iteration
+    return next(c for c in candidates if c.iteration == chosen)
 
 
 def choose(candidates: Sequence[Candidate], budget: BudgetConfig, k: int) -> list[Point]:

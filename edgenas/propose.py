@@ -23,9 +23,10 @@ CUT_OFF = ("your reply was cut off at the token limit ({limit} new tokens) befor
 
 @dataclass(frozen=True)
 class Context:
-    best: Candidate | None
+    best: Candidate | None  # the parent: what the change is applied to
     last: Candidate | None
     history: list[Triple]  # the memory window, already cut to K
+    front: bool = False  # the parent was drawn from the accuracy-size front rather than being the best
 
 
 @dataclass
@@ -76,7 +77,7 @@ class LLMProposer:
         return reply
 
     def _improve(self, ctx: Context, seed: int, proposal: Proposal) -> None:
-        messages = improver_messages(self.task, ctx.best, ctx.last, ctx.history)
+        messages = improver_messages(self.task, ctx.best, ctx.last, ctx.history, ctx.front)
         reply = self._call("improver", messages, seed, proposal)
         parsed = extract_json(reply.text)
         if parsed is None:  # ask once more, then fall back to a recorded generic change
@@ -92,7 +93,8 @@ class LLMProposer:
         try:
             if ctx.best is not None and self.use_improver:
                 self._improve(ctx, seed, proposal)
-            messages = generator_messages(self.task, ctx.best, proposal.modification, ctx.history, self.use_reference)
+            messages = generator_messages(self.task, ctx.best, proposal.modification, ctx.history, self.use_reference,
+                                          ctx.front)
             reply = self._call("generator", messages, seed + 2, proposal)
             extracted = extract_code(reply.text, cut_off=reply.truncated)
             proposal.code = extracted.code

@@ -101,6 +101,15 @@ def placements(workers: int, device: str) -> list[dict]:
             for i in range(workers)]
 
 
+def parent_chooser(config: Config):
+    """search.parent front: each change goes to a program of the accuracy-size front within the budgets."""
+    if config.search.parent != "front":
+        return None
+    from edgenas import pareto
+
+    return lambda archive, draw: pareto.parent_from_front(archive.all(), config.budget, draw)
+
+
 def start_evaluators(config: Config, stack: contextlib.ExitStack) -> list:
     """search.workers evaluators, launched from this thread (their processes live as long as it does) and loading
     their data side by side; closed with `stack`."""
@@ -132,7 +141,7 @@ def run_search(config: Config, run_dir: Path, resuming: bool, seed_program: str 
             archive.event("resume" if resuming else "start", iteration=archive.next_iteration())
             with Display(console, config.search, archive) as display:
                 seed = seed_program if not resuming else None
-                reason = loop.run(archive, proposer, evaluators, cfg, seed, display.update)
+                reason = loop.run(archive, proposer, evaluators, cfg, seed, display.update, parent_chooser(config))
             if limit is not None and spent and reason.startswith("reached the wall-time limit"):
                 reason = f"reached the wall-time limit of {limit:g} s ({spent:.0f} s of it in earlier sessions)"
             best = archive.best()

@@ -44,6 +44,7 @@ class SlowChat:
 
     def __init__(self, role: str, gauge: Gauge):
         self.role, self.gauge, self.seen, self.lock = role, gauge, [], threading.Lock()
+        self.text = lambda n: fenced(program(round(0.1 + 0.01 * n, 2), tag=str(n)))  # the generator's n-th program
 
     def chat(self, messages, sampling):
         from edgenas.llm.base import Reply
@@ -53,7 +54,7 @@ class SlowChat:
         with self.lock:
             self.seen.append(messages)
             n = len(self.seen)
-        text = improve(n) if self.role == "improver" else fenced(program(round(0.1 + 0.01 * n, 2), tag=str(n)))
+        text = improve(n) if self.role == "improver" else self.text(n)
         return Reply(text, tokens_in=10, tokens_out=5, seconds=0.05)
 
 
@@ -159,3 +160,36 @@ search: {{iterations: 10, chains: 2, workers: 2, history_size: 3}}
     new_calls = sum(len(r.llm_calls) for r in rows if r.iteration >= before)
     assert asked_after == new_calls  # the resumed session asked only for new iterations
     assert {r.chain for r in rows} == {0, 1}
+
+
+class SizedEvaluator:
+    """Accuracy from `ACC =`, parameter count from `TAG =`: a small model can be on the front though less accurate."""
+
+    def evaluate(self, code, run=0):
+        acc = float(re.search(r"ACC = ([\d.]+)", code).group(1))
+        params = int(re.search(r"TAG = '(\d+)'", code).group(1))
+        return EvalResult(status=Status.ok, val_accuracy=acc, params=params, macs=params * 10, peak_memory_bytes=params)
+
+
+def test_front_parents_are_drawn_from_the_accuracy_size_front(tmp_path):
+    from edgenas import pareto
+    from edgenas.config import BudgetConfig
+
+    sizes = [(0.50, 1000), (0.30, 100), (0.20, 5000), (0.55, 2000), (0.40, 150), (0.45, 9000)] * 3
+    generator = SlowChat("generator", Gauge())
+    generator.text = lambda n: fenced(program(sizes[n - 1][0], tag=str(sizes[n - 1][1])))
+    improver = SlowChat("improver", Gauge())
+    archive = Archive(tmp_path / "run")
+    budget = BudgetConfig(max_params=6000)
+    choose = lambda a, draw: pareto.parent_from_front(a.all(), budget, draw)  # noqa: E731
+    loop.run(archive, proposer(generator, improver), [SizedEvaluator()],
+             SearchConfig(iterations=12, parent="front", confirm_margin=None), choose_parent=choose)
+    rows = archive.all()
+    parents = {r.parent for r in rows[1:]}
+    for r in rows[1:]:  # each parent was on the feasible front when the change was proposed
+        earlier = [c for c in rows if c.iteration < r.iteration]
+        front = {p.iteration for p in pareto.front_of(earlier, budget) if p.feasible and p.front == 0}
+        assert r.parent in front, (r.iteration, r.parent, front)
+    assert len(parents) > 1 and any(rows[p].val_accuracy < archive.best().val_accuracy for p in parents)
+    assert any("a model on the front of accuracy against size" in m[-1]["content"] for m in improver.seen)
+    assert pareto.parent_from_front(rows, BudgetConfig(max_params=10), 0) is None  # nothing fits: the best instead

@@ -48,22 +48,31 @@ def _chat(system: str, user: str) -> list[dict]:
     return [{"role": "system", "content": _render(system)}, {"role": "user", "content": user}]
 
 
-def improver_messages(task: Task, best: Candidate, last: Candidate, history: list[Triple]) -> list[dict]:
+# How the parent is named, and what a change to it should achieve: the best (the paper), or a point of the front
+PARENT = {False: ("the best model so far", "raise validation accuracy while staying within the budgets"),
+          True: ("a model on the front of accuracy against size (no other is both more accurate and smaller)",
+                 "raise its validation accuracy without making it larger, or make it smaller and faster at about the "
+                 "same accuracy, staying within the budgets")}
+
+
+def improver_messages(task: Task, best: Candidate, last: Candidate, history: list[Triple], front: bool = False) -> list[dict]:
+    parent, goal = PARENT[front]
     return _chat("improver_system", _render(
-        "improver", **task.fields(), best_summary=_summary(best), best_code=best.code.strip(),
+        "improver", **task.fields(), parent=parent, goal=goal, best_summary=_summary(best), best_code=best.code.strip(),
         last_iteration=last.iteration, last_problem=last.problem or "-", last_modification=last.modification or "-",
         last_outcome=last.outcome.render(), memory=memory.render(history),
     ))
 
 
 def generator_messages(task: Task, best: Candidate | None, modification: str, history: list[Triple],
-                       use_reference: bool = True) -> list[dict]:
+                       use_reference: bool = True, front: bool = False) -> list[dict]:
     fields = task.fields()
     contract = _render("contract", **fields)
     if best is None:
         user = _render("initial", **fields, contract=contract, memory=memory.render(history))
     else:
-        reference = _render("reference", best_summary=_summary(best), best_code=best.code.strip()) if use_reference else ""
+        reference = _render("reference", parent=PARENT[front][0], best_summary=_summary(best),
+                            best_code=best.code.strip()) if use_reference else ""
         user = _render("generator", **fields, contract=contract, reference=reference, modification=modification,
                        memory=memory.render(history))
     return _chat("generator_system", user)
