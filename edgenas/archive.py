@@ -131,9 +131,12 @@ class Archive:
         return self.db.execute("SELECT COALESCE(MAX(iteration) + 1, 0) FROM candidates").fetchone()[0]
 
     def best(self, chain: int | None = None) -> Candidate | None:
-        """The most accurate candidate promoted to best (of the run, or of one chain): the most accurate valid one,
-        unless a close win failed to hold up when re-run with other seeds (search.confirm_margin)."""
-        where = "" if chain is None else f" AND chain={int(chain)}"
+        """The most accurate candidate promoted to best (of the run, or of one chain, counting another chain's best
+        that it adopted): the most accurate valid one, unless a close win failed to hold up when re-run with other
+        seeds (search.confirm_margin)."""
+        where = "" if chain is None else (
+            f" AND (chain={int(chain)} OR iteration IN (SELECT json_extract(record, '$.parent') FROM candidates "
+            f"WHERE chain={int(chain)} AND json_extract(record, '$.adopted')))")
         found = self._load(f"SELECT record FROM candidates WHERE is_best=1{where} ORDER BY val_accuracy DESC, iteration LIMIT 1")
         return found[0] if found else None
 
@@ -144,6 +147,13 @@ class Archive:
         where = "" if chain is None else f" AND chain={int(chain)}"
         return self._load(f"SELECT record FROM (SELECT iteration, record FROM candidates WHERE status!='pending'{where} "
                           "ORDER BY iteration DESC LIMIT ?) ORDER BY iteration", (k,))
+
+    def stalled(self, chain: int) -> int:
+        """A chain's measured attempts since its last new best or adoption (all of them when it had neither)."""
+        return self.db.execute(
+            "SELECT COUNT(*) FROM candidates WHERE chain=?1 AND status!='pending' AND iteration > COALESCE((SELECT "
+            "MAX(iteration) FROM candidates WHERE chain=?1 AND (is_best=1 OR json_extract(record, '$.adopted'))), -1)",
+            (chain,)).fetchone()[0]
 
     def pending(self) -> list[Candidate]:
         """Proposals not yet measured: what a killed run had in flight."""

@@ -141,6 +141,9 @@ class SearchConfig(Section):
     # drawn from the non-dominated set of accuracy against params, MACs, memory and latency within the budgets, so
     # the small end of the front, what edge devices run, is improved too.
     parent: Literal["best", "front"] = "best"
+    # A chain whose last `adopt_after` attempts brought no new best takes the run's best (another chain's, when it is
+    # more accurate than its own) as its own best and goes on from there; recorded. None: chains stay apart.
+    adopt_after: int | None = Field(None, ge=1)
     seed: int = 0
 
 

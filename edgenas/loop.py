@@ -41,21 +41,27 @@ def best_of(archive, chain: int) -> Candidate | None:
     return archive.best(chain) or archive.best()
 
 
-def context(archive, chain: int, k: int, choose_parent=None, draw: int = 0) -> Context:
-    """What a chain's next proposal builds on: its best or, with `choose_parent(archive, draw)` (search.parent
-    front), a program of the accuracy-size front; its last attempt and its memory window."""
+def context(archive, chain: int, cfg: SearchConfig, choose_parent=None, draw: int = 0) -> Context:
+    """What a chain's next proposal builds on: its best, the run's best when the chain stalled (search.adopt_after)
+    or, with `choose_parent(archive, draw)` (search.parent front), a program of the accuracy-size front; its last
+    attempt and its memory window."""
+    k = cfg.history_size
     recent = archive.recent(max(1, k), chain)
-    best = best_of(archive, chain)
+    best, run_best = best_of(archive, chain), archive.best()
+    adopted = bool(cfg.adopt_after and best and run_best.val_accuracy > best.val_accuracy
+                   and archive.stalled(chain) >= cfg.adopt_after)
+    best = run_best if adopted else best
     parent = (choose_parent(archive, draw) if choose_parent and best else None) or best
     return Context(parent, recent[-1] if recent else None, memory.window([c.triple for c in recent], k),
-                   front=parent is not best)
+                   front=parent is not best, adopted=adopted)
 
 
-def triage(iteration: int, chain: int, proposal: Proposal, best: Candidate | None, archive) -> Candidate:
+def triage(iteration: int, chain: int, proposal: Proposal, ctx: Context, archive) -> Candidate:
     """A proposal as the archive first holds it: final when the LLM failed, sent no code, was cut off or repeated an
     earlier program (in flight ones included); otherwise pending, to be measured."""
     common = dict(iteration=iteration, chain=chain, problem=proposal.problem, modification=proposal.modification,
-                  code=proposal.code, parent=best.iteration if best else None, prompts=proposal.prompts,
+                  code=proposal.code, parent=ctx.best.iteration if ctx.best else None, adopted=ctx.adopted,
+                  prompts=proposal.prompts,
                   replies=proposal.replies, tokens_in=proposal.tokens_in, tokens_out=proposal.tokens_out,
                   llm_seconds=proposal.llm_seconds, llm_calls=proposal.calls, created=time.time())
     if proposal.error is not None:
@@ -111,10 +117,10 @@ def run(archive, proposer, evaluators, cfg: SearchConfig, seed_program: str | No
         finally:
             free.put(evaluator)
 
-    def propose(ctx: Context, draw: int) -> tuple[Proposal, Candidate | None]:
+    def propose(ctx: Context, draw: int) -> tuple[Proposal, Context]:
         if draw < 0:
-            return Proposal("seed program", "evaluate the program given with --seed-program", seed_program), None
-        return proposer.propose(ctx, draw), ctx.best
+            return Proposal("seed program", "evaluate the program given with --seed-program", seed_program), ctx
+        return proposer.propose(ctx, draw), ctx
 
     draws = {chain: archive.proposals(chain) for chain in range(cfg.chains)}  # seeds the LLM calls: reproducible
     seeding = seed_program is not None and archive.next_iteration() == 0  # the other chains wait for it
@@ -130,7 +136,7 @@ def run(archive, proposer, evaluators, cfg: SearchConfig, seed_program: str | No
                 if reason or chain in busy or archive.next_iteration() + proposing >= cfg.iterations:
                     continue
                 draw = -1 if seeding else draws[chain] * cfg.chains + chain
-                ctx = context(archive, chain, cfg.history_size, choose_parent, draw)
+                ctx = context(archive, chain, cfg, choose_parent, draw)
                 tasks[pool.submit(propose, ctx, draw)] = (chain, "propose")
                 draws[chain] += 1
             if not tasks:
@@ -138,8 +144,8 @@ def run(archive, proposer, evaluators, cfg: SearchConfig, seed_program: str | No
             for future in wait(tasks, return_when=FIRST_COMPLETED).done:
                 chain, kind = tasks.pop(future)
                 if kind == "propose":
-                    proposal, parent = future.result()
-                    candidate = triage(archive.next_iteration(), chain, proposal, parent, archive)
+                    proposal, ctx = future.result()
+                    candidate = triage(archive.next_iteration(), chain, proposal, ctx, archive)
                     archive.add(candidate)
                     if candidate.status == "pending":
                         tasks[pool.submit(measure_on_a_free_slot, candidate, best_of(archive, chain))] = (chain, "measure")

@@ -27,6 +27,7 @@ class Context:
     last: Candidate | None
     history: list[Triple]  # the memory window, already cut to K
     front: bool = False  # the parent was drawn from the accuracy-size front rather than being the best
+    adopted: bool = False  # the parent is another chain's best, taken over because this chain stagnated
 
 
 @dataclass

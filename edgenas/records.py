@@ -139,6 +139,7 @@ class Candidate(Record):
     code: str | None = None
     code_hash: str | None = None
     parent: int | None = None  # the iteration its code was derived from (its chain's best when it was proposed)
+    adopted: bool = False  # its chain had stagnated and took over its parent, another chain's best (search.adopt_after)
     duplicate_of: int | None = None
     problem: str = ""
     modification: str = ""

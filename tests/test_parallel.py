@@ -14,7 +14,8 @@ import time
 from edgenas import loop
 from edgenas.archive import Archive
 from edgenas.config import SearchConfig
-from edgenas.records import EvalResult, Status
+from edgenas.propose import Proposal
+from edgenas.records import Candidate, EvalResult, Outcome, Status
 
 from .conftest import run_cli
 from .fake_openai import FakeOpenAI, reply
@@ -193,3 +194,20 @@ def test_front_parents_are_drawn_from_the_accuracy_size_front(tmp_path):
     assert len(parents) > 1 and any(rows[p].val_accuracy < archive.best().val_accuracy for p in parents)
     assert any("a model on the front of accuracy against size" in m[-1]["content"] for m in improver.seen)
     assert pareto.parent_from_front(rows, BudgetConfig(max_params=10), 0) is None  # nothing fits: the best instead
+
+
+def test_a_stalled_chain_adopts_the_better_chain_best_and_records_it(tmp_path):
+    archive = Archive(tmp_path / "run")
+    for iteration, chain, acc, best in [(0, 0, 0.5, True), (1, 1, 0.3, True), (2, 0, 0.6, True), (3, 1, 0.2, False),
+                                        (4, 0, 0.55, False), (5, 1, 0.25, False)]:
+        archive.add(Candidate(iteration=iteration, chain=chain, status="ok", outcome=Outcome(status="ok"), is_best=best,
+                              code=f"X = {iteration}\n", result=EvalResult(status=Status.ok, val_accuracy=acc)))
+    patient = loop.context(archive, 1, SearchConfig(chains=2, adopt_after=3))
+    assert (patient.best.iteration, patient.adopted) == (1, False)  # two stalled attempts: not yet
+    ctx = loop.context(archive, 1, SearchConfig(chains=2, adopt_after=2))
+    assert (ctx.best.iteration, ctx.adopted) == (2, True) and loop.context(archive, 0, SearchConfig(adopt_after=1)).adopted is False
+    adopting = loop.triage(6, 1, Proposal("p", "m", "X = 6\n"), ctx, archive)
+    archive.add(adopting)
+    assert adopting.adopted and adopting.parent == 2 and archive.stalled(1) == 0
+    assert archive.best(1).iteration == 2  # chain 1's bar is now the program it adopted
+    assert loop.context(archive, 1, SearchConfig(chains=2, adopt_after=2)).adopted is False
