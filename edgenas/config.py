@@ -144,7 +144,16 @@ class SearchConfig(Section):
     # A chain whose last `adopt_after` attempts brought no new best takes the run's best (another chain's, when it is
     # more accurate than its own) as its own best and goes on from there; recorded. None: chains stay apart.
     adopt_after: int | None = Field(None, ge=1)
+    executor: Literal["local", "ray"] = "local"  # ray: the workers are Ray actors over a cluster (see `ray`)
     seed: int = 0
+
+
+class RayConfig(Section):
+    """search.executor ray. Needs `pip install -e ".[ray]"`."""
+
+    address: str | None = None  # a running cluster ("auto", "HOST:PORT", "ray://..."); None starts one on this machine
+    cpus_per_worker: float = Field(1.0, ge=0)
+    gpus_per_worker: float | None = Field(None, ge=0)  # None: 1 when eval.device is cuda, else 0
 
 
 class Config(Section):
@@ -154,6 +163,7 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     llm: LLMRoles = LLMRoles()
     search: SearchConfig = SearchConfig()
+    ray: RayConfig = RayConfig()
 
 
 def _describe(error: ValidationError) -> str:

@@ -29,6 +29,11 @@ class Evaluator:
         self.info: dict = {}
         self.last_graph: bytes = b""  # the trained ONNX graph of the last valid candidate
 
+    @property
+    def where(self) -> dict:
+        """Where it runs, for the run's event log."""
+        return {"cpus": self.cpus, "gpu": self.gpu}
+
     def start(self) -> dict:
         """Start the worker and its jail and load the data; raises SandboxError with a one-line reason."""
         self.launch()

@@ -17,8 +17,9 @@ from edgenas.prompts import Task
 NVIDIA_GPUS = "/proc/driver/nvidia/gpus"  # one entry per GPU the driver sees: counted without importing torch
 
 # Keys that may change when a run is resumed: how long it goes on, never what a candidate is measured against.
-RESUMABLE = {"search.iterations", "search.max_wall_s", "search.patience", "search.target_accuracy", "search.workers",
-             "search.max_llm_errors", "llm.cache", "llm.cache_dir"}
+RESUMABLE = {"search.iterations", "search.max_wall_s", "search.patience", "search.target_accuracy",
+             "search.max_llm_errors", "llm.cache", "llm.cache_dir", "search.workers", "search.executor", "ray.address",
+             "ray.cpus_per_worker", "ray.gpus_per_worker"}
 
 
 def _flat(data: dict, prefix: str = "") -> dict:
@@ -112,7 +113,11 @@ def parent_chooser(config: Config):
 
 def start_evaluators(config: Config, stack: contextlib.ExitStack) -> list:
     """search.workers evaluators, launched from this thread (their processes live as long as it does) and loading
-    their data side by side; closed with `stack`."""
+    their data side by side, or as Ray actors over a cluster; closed with `stack`."""
+    if config.search.executor == "ray":
+        from edgenas import ray_executor
+
+        return ray_executor.start(config, stack)
     from edgenas.evaluate import Evaluator
 
     evaluators = [stack.enter_context(contextlib.closing(Evaluator(config, **where)))
@@ -138,7 +143,8 @@ def run_search(config: Config, run_dir: Path, resuming: bool, seed_program: str 
             left = None if limit is None else max(limit - spent, 0.0)
             cfg = config.search.model_copy(update={"max_wall_s": left})
             (run_dir / "config.yaml").write_text(redact.scrub(dump_config(config)))
-            archive.event("resume" if resuming else "start", iteration=archive.next_iteration())
+            archive.event("resume" if resuming else "start", iteration=archive.next_iteration(),
+                          workers=[e.where for e in evaluators])
             with Display(console, config.search, archive) as display:
                 seed = seed_program if not resuming else None
                 reason = loop.run(archive, proposer, evaluators, cfg, seed, display.update, parent_chooser(config))
