@@ -45,8 +45,10 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=20)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--keep-run", type=Path, help="keep the run directory here (for archive_latency.py, finalize)")
+    p.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT), help="ImageFolder tree with train/ and test/")
     args = p.parse_args()
-    config = load_config(args.config, [f"dataset.root={DEFAULT_DATA_ROOT}", f"search.iterations={args.iterations}", *args.overrides])
+    config = load_config(args.config, ["dataset.name=folder", f"dataset.root={args.data_root}",
+                                       f"search.iterations={args.iterations}", *args.overrides])
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         run = args.keep_run or Path(tmp) / "run"
