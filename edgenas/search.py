@@ -181,7 +181,9 @@ class Display:
         hours = max(time.monotonic() - self.started, 1e-9) / 3600
         pace = (f" | {self.done / hours:.0f} it/h, LLM {self.llm_s / 3600 / hours / self.search.chains:.0%} and "
                 f"evaluators {self.eval_s / 3600 / hours / self.search.workers:.0%} busy") if self.done else ""
-        return f"{best_text} | valid {stats['valid_rate']:.0%} | tokens {stats['tokens']:,}{pace}"
+        n, w = len(archive.pending()), self.search.workers  # measured or waiting for a worker
+        measuring = f" | workers {min(n, w)}/{w} busy" + (f", {n - w} waiting" if n > w else "") if w > 1 else ""
+        return f"{best_text} | valid {stats['valid_rate']:.0%} | tokens {stats['tokens']:,}{pace}{measuring}"
 
     def update(self, candidate, archive) -> None:
         self.done, self.llm_s, self.eval_s = self.done + 1, self.llm_s + candidate.llm_seconds, self.eval_s + candidate.eval_seconds
