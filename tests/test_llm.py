@@ -191,6 +191,45 @@ def test_transformers_loaded_once_for_both_roles(tiny_model):
     assert tokenizer.chat_template and model.config.num_hidden_layers == 2
 
 
+def test_transformers_batches_requests_that_arrive_together(tiny_model, monkeypatch):
+    """Chains ask side by side: what waits while one generate() runs goes into the next as one left-padded batch,
+    and each row's greedy reply is what it would have been alone."""
+    import threading
+
+    from edgenas.llm.transformers_backend import load_shared
+
+    chat = make_chat_model(LLMConfig(backend="transformers", model=tiny_model))
+    greedy = Sampling(temperature=0.0, max_tokens=12, seed=1)
+    prompts = [[{"role": "user", "content": "Write a model with conv layers" + " and batch norm" * i}] for i in range(4)]
+    alone = [chat.chat(m, greedy) for m in prompts]
+    model = load_shared(chat.cfg)[1]
+    sizes, generate, gate = [], model.generate, threading.Event()
+
+    def recording(**kw):
+        sizes.append(kw["input_ids"].shape[0])
+        gate.wait(10)  # the first call holds the model until the others queue behind it
+        return generate(**kw)
+
+    monkeypatch.setattr(model, "generate", recording)
+    replies = [None] * 4
+
+    def ask(i):
+        replies[i] = chat.chat(prompts[i], greedy)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    threads[0].start()
+    while not sizes:
+        time.sleep(0.01)
+    for t in threads[1:]:
+        t.start()
+    time.sleep(0.3)
+    gate.set()
+    for t in threads:
+        t.join()
+    assert sizes == [1, 3]
+    assert [(r.text, r.tokens_in, r.tokens_out) for r in replies] == [(r.text, r.tokens_in, r.tokens_out) for r in alone]
+
+
 def test_transformers_missing_model_is_one_setup_line(tmp_path):
     chat = make_chat_model(LLMConfig(backend="transformers", model=str(tmp_path / "nowhere")))
     with pytest.raises(LLMSetupError, match=r"cannot load .*nowhere \(no such directory\)") as caught:

@@ -6,6 +6,7 @@ loads them; and they load once per process for every role that names the same mo
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import threading
 import time
@@ -19,8 +20,8 @@ from ..config import LLMConfig
 from .base import LLMSetupError, Message, Reply, Sampling
 
 _loaded: dict[tuple, tuple] = {}
+_batchers: dict[int, _Batcher] = {}  # one per loaded model
 _load_lock = threading.Lock()
-_generate_lock = threading.Lock()  # the seed is global torch state: one generation at a time
 # transformers 5 renamed from_pretrained's torch_dtype to dtype
 _DTYPE_ARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
@@ -95,23 +96,79 @@ class TransformersChat:
         tokenizer, model = load_shared(self.cfg)
         start = time.perf_counter()  # after loading: seconds measure this reply, not the one-off load
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+        request = _Request(prompt, sampling)
+        _batcher(tokenizer, model).serve(request)
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+        generated = request.generated
+        end = next((i + 1 for i, token in enumerate(generated) if token in eos), len(generated))
+        return Reply(
+            text=tokenizer.decode(generated[:end], skip_special_tokens=True),
+            tokens_in=request.tokens_in,
+            tokens_out=end,
+            seconds=time.perf_counter() - start,
+            truncated=end >= sampling.max_tokens and generated[end - 1] not in eos,
+        )
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    prompt: str
+    sampling: Sampling
+    generated: list[int] | None = None
+    tokens_in: int = 0
+    error: BaseException | None = None
+
+
+class _Batcher:
+    """One generate() at a time per model; whoever runs it takes along every waiting request with the same sampling
+    settings (search.chains asks side by side), in one left-padded batch. A lone request is generated alone with its
+    own seed, so the serial loop stays reproducible call for call; a batch is seeded by its first request (the reply
+    cache then reproduces the run)."""
+
+    def __init__(self, tokenizer, model):
+        self.tokenizer, self.model = tokenizer, model
+        self.waiting: list[_Request] = []
+        self.queue_lock, self.generate_lock = threading.Lock(), threading.Lock()
+
+    def serve(self, request: _Request) -> None:
+        with self.queue_lock:
+            self.waiting.append(request)
+        with self.generate_lock:
+            if request.generated is None and request.error is None:
+                with self.queue_lock:
+                    batch = [r for r in self.waiting if _same_settings(r.sampling, request.sampling)]
+                    self.waiting = [r for r in self.waiting if r not in batch]
+                try:
+                    self._generate(batch)
+                except BaseException as e:  # every request of the batch learns of it, not only the one that ran it
+                    for r in batch:
+                        r.error = e
+        if request.error is not None:
+            raise request.error
+
+    def _generate(self, batch: list[_Request]) -> None:
+        tokenizer, model, sampling = self.tokenizer, self.model, batch[0].sampling
         if sampling.temperature > 0:
             options = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
         else:  # clear the model's own sampling defaults so greedy decoding raises no warnings
             options = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        with _generate_lock:
-            torch.manual_seed(sampling.seed)
-            output = model.generate(**inputs, max_new_tokens=sampling.max_tokens, pad_token_id=pad, **options)
-        n_in = inputs["input_ids"].shape[1]
-        generated = output[0, n_in:].tolist()
-        eos = model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-        return Reply(
-            text=tokenizer.decode(generated, skip_special_tokens=True),
-            tokens_in=n_in,
-            tokens_out=len(generated),
-            seconds=time.perf_counter() - start,
-            truncated=len(generated) >= sampling.max_tokens and generated[-1] not in eos,
-        )
+        tokenizer.padding_side = "left"  # generation continues every row from its last real token
+        inputs = tokenizer([r.prompt for r in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        inputs = inputs.to(model.device)
+        torch.manual_seed(sampling.seed)
+        output = model.generate(**inputs, max_new_tokens=sampling.max_tokens, pad_token_id=pad, **options)
+        width = inputs["input_ids"].shape[1]
+        for i, request in enumerate(batch):
+            request.tokens_in = int(inputs["attention_mask"][i].sum())
+            request.generated = output[i, width:].tolist()
+
+
+def _same_settings(a: Sampling, b: Sampling) -> bool:
+    return (a.temperature, a.top_p, a.max_tokens) == (b.temperature, b.top_p, b.max_tokens)
+
+
+def _batcher(tokenizer, model) -> _Batcher:
+    with _load_lock:
+        return _batchers.setdefault(id(model), _Batcher(tokenizer, model))
