@@ -22,7 +22,7 @@ MEASURE_MARGIN_S = 120.0  # start-up of a replaced jail and the messages, on top
 class Evaluator:
     """Evaluates candidate programs against one dataset and config; one warm worker and jail for all of them."""
 
-    def __init__(self, config: Config, cpus: list[int] | None = None, gpu: int | None = None):
+    def __init__(self, config: Config, cpus: list[int] | None = None, gpu: str | None = None):
         """`cpus`, `gpu`: where this evaluator's processes run (search.workers shares the machine out)."""
         self.config, self.cpus, self.gpu = config, cpus, gpu
         self.peer: wire.Peer | None = None
@@ -43,7 +43,7 @@ class Evaluator:
         """Start the worker process, which then loads its data. The worker dies with the thread that launched it
         (PR_SET_PDEATHSIG follows threads): launch from a thread that outlives the evaluator."""
         self.close()
-        env = clean_env() if self.gpu is None else {**clean_env(), "CUDA_VISIBLE_DEVICES": str(self.gpu)}
+        env = clean_env() if self.gpu is None else {**clean_env(), "CUDA_VISIBLE_DEVICES": self.gpu}
         self.peer = wire.Peer("edgenas.worker", env)
         self.peer.send({"kind": "init", "init": {"config": self.config.model_dump(mode="json"), "cpus": self.cpus}})
 

@@ -97,8 +97,11 @@ def placements(workers: int, device: str) -> list[dict]:
         return [{}]
     cores = sorted(os.sched_getaffinity(0))
     share = max(1, len(cores) // workers)
-    gpus = sorted(os.listdir(NVIDIA_GPUS)) if device != "cpu" and os.path.isdir(NVIDIA_GPUS) else []
-    return [{"cpus": cores[(i * share) % len(cores):][:share], "gpu": i % len(gpus) if gpus else None}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    count = len(os.listdir(NVIDIA_GPUS)) if device != "cpu" and os.path.isdir(NVIDIA_GPUS) else 0
+    gpus = ([g for g in visible.split(",") if g.strip()] if visible is not None else list(map(str, range(count))))
+    gpus = gpus if count else []
+    return [{"cpus": cores[(i * share) % len(cores):][:share], "gpu": gpus[i % len(gpus)] if gpus else None}
             for i in range(workers)]
 
 

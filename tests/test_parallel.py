@@ -211,3 +211,20 @@ def test_a_stalled_chain_adopts_the_better_chain_best_and_records_it(tmp_path):
     assert adopting.adopted and adopting.parent == 2 and archive.stalled(1) == 0
     assert archive.best(1).iteration == 2  # chain 1's bar is now the program it adopted
     assert loop.context(archive, 1, SearchConfig(chains=2, adopt_after=2)).adopted is False
+
+
+def test_workers_share_the_cores_and_take_the_visible_gpus_in_turn(tmp_path, monkeypatch):
+    from edgenas import search
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert search.placements(1, "cpu") == [{}]  # one worker: the whole machine, as the serial loop has it
+    assert [p["cpus"] for p in search.placements(2, "cpu")] == [[0, 1], [2, 3]]
+    assert [p["gpu"] for p in search.placements(2, "auto")] == [None, None]  # no NVIDIA driver here
+    (tmp_path / "gpus" / "0000:01:00.0").mkdir(parents=True)
+    (tmp_path / "gpus" / "0000:02:00.0").mkdir()
+    monkeypatch.setattr(search, "NVIDIA_GPUS", str(tmp_path / "gpus"))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert [p["gpu"] for p in search.placements(3, "cuda")] == ["0", "1", "0"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # the user's choice holds: every worker on that GPU
+    assert [p["gpu"] for p in search.placements(2, "auto")] == ["1", "1"]
+    assert [p["gpu"] for p in search.placements(2, "cpu")] == [None, None]

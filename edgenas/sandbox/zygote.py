@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from edgenas.sandbox import jail, wire
 
 OUTPUT_TAIL_BYTES = 2000
-FORWARDED_ENV = ("PATH", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "EDGENAS_CACHE", "PYTHONPATH")
+FORWARDED_ENV = ("PATH", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "EDGENAS_CACHE", "PYTHONPATH")
 
 
 class SandboxError(RuntimeError):
