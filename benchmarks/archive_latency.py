@@ -1,7 +1,8 @@
 """How far MACs stand in for latency across a search archive, and how finalized models run on onnxruntime.
 
 1. Over every valid candidate of RUN_DIR: Spearman rank correlation of MACs (and of params) with the
-   evaluator's measured batch-1 eager latency. A high value means MACs are a fair budget proxy on this CPU.
+   batch-1 latency the evaluator measured (onnxruntime, eval.latency_threads). A high value means MACs are a fair
+   budget proxy on this CPU.
 2. For every finalized model (RUN_DIR/final/*/card.json): onnxruntime fp32 and INT8 batch-1 latency as
    ratios to torch eager in the same finalize run, file-size ratio and accuracy lost to INT8.
    Targets: fp32 <= 0.3x eager; INT8 <= 0.8x fp32; file >= 3.5x smaller; <= 1 point lost.
@@ -25,9 +26,9 @@ def finalized_rows(run_dir: Path) -> list[dict]:
     for path in sorted(run_dir.glob("final/*/card.json")):
         card = json.loads(path.read_text())
         lat, acc = card["latency_ms"], card["test_accuracy"]
-        threads = sorted(int(k.rsplit("_", 1)[1]) for k in lat["torch_eager"])
+        threads = sorted(int(k.rsplit("_", 1)[1]) for k in lat if k.startswith("torch_eager_threads_"))
         for t in threads:
-            eager = lat["torch_eager"][f"threads_{t}"]
+            eager = lat[f"torch_eager_threads_{t}"]["p50_ms"]
             fp32, int8 = lat[f"onnxruntime_fp32_threads_{t}"]["p50_ms"], lat[f"onnxruntime_int8_threads_{t}"]["p50_ms"]
             rows.append({"candidate": card["candidate"], "threads": t, "eager_ms": eager, "fp32_ms": fp32, "int8_ms": int8,
                          "fp32_vs_eager": fp32 / eager, "int8_vs_fp32": int8 / fp32,
@@ -40,13 +41,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("run_dir", type=Path)
     args = p.parse_args()
-    archive = Archive(args.run_dir)
+    archive = Archive(args.run_dir, readonly=True)
     valid = [c.result for c in archive.all() if c.status == "ok" and c.result.latency_ms]
     archive.close()
     macs, params, latency = ([getattr(r, f) for r in valid] for f in ("macs", "params", "latency_ms"))
     corr = {"n": len(valid), "spearman_macs_latency": spearman(macs, latency) if len(valid) > 2 else None,
             "spearman_params_latency": spearman(params, latency) if len(valid) > 2 else None}
-    print(table(f"MACs vs eager batch-1 latency over {len(valid)} valid candidates", ["measure", "Spearman rho"],
+    print(table(f"MACs vs batch-1 onnxruntime latency over {len(valid)} valid candidates", ["measure", "Spearman rho"],
                 [["MACs", f"{corr['spearman_macs_latency']:.3f}" if corr["n"] > 2 else "-"],
                  ["params", f"{corr['spearman_params_latency']:.3f}" if corr["n"] > 2 else "-"]]))
     rows = finalized_rows(args.run_dir)
