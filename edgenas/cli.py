@@ -232,6 +232,27 @@ def pareto(run_dir, as_json, plot):
 
 
 @main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="The HTML file (default: RUN_DIR/report.html for one run, report.html for several).")
+def report(run_dirs, output):
+    """One self-contained HTML report of a run (progress, failures, Pareto front, lineage, cost, finalized models);
+    several runs side by side."""
+    from edgenas.config import ConfigError
+
+    for run_dir in run_dirs:
+        _open_archive(run_dir).close()
+    out = Path(output or (Path(run_dirs[0]) / "report.html" if len(run_dirs) == 1 else "report.html"))
+    try:
+        from edgenas import html_report
+
+        html_report.write([Path(d) for d in run_dirs], out)
+    except (ConfigError, OSError) as e:
+        raise UsageError(f"cannot write the report: {e}") from None
+    _echo(str(out))
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--top", default=3, show_default=True, type=click.IntRange(min=1), help="How many Pareto-chosen candidates.")
 @click.option("--candidates", "ids", help="Comma-separated iterations to finalize instead of --top.")

@@ -145,6 +145,7 @@ class SearchConfig(Section):
     # more accurate than its own) as its own best and goes on from there; recorded. None: chains stay apart.
     adopt_after: int | None = Field(None, ge=1)
     executor: Literal["local", "ray"] = "local"  # ray: the workers are Ray actors over a cluster (see `ray`)
+    report_every: int | None = Field(10, ge=1)  # rewrite RUN_DIR/report.html every N iterations (None: only at the end)
     seed: int = 0
 
 

@@ -13,13 +13,14 @@ from edgenas.archive import Archive
 from edgenas.config import Config, ConfigError, dump_config, load_config
 from edgenas.llm.base import Sampling
 from edgenas.prompts import Task
+from exporters.card import environment
 
 NVIDIA_GPUS = "/proc/driver/nvidia/gpus"  # one entry per GPU the driver sees: counted without importing torch
 
 # Keys that may change when a run is resumed: how long it goes on, never what a candidate is measured against.
 RESUMABLE = {"search.iterations", "search.max_wall_s", "search.patience", "search.target_accuracy",
              "search.max_llm_errors", "llm.cache", "llm.cache_dir", "search.workers", "search.executor", "ray.address",
-             "ray.cpus_per_worker", "ray.gpus_per_worker"}
+             "ray.cpus_per_worker", "ray.gpus_per_worker", "search.report_every"}
 
 
 def _flat(data: dict, prefix: str = "") -> dict:
@@ -105,6 +106,13 @@ def placements(workers: int, device: str) -> list[dict]:
             for i in range(workers)]
 
 
+def write_report(run_dir: Path, live: bool) -> None:
+    """RUN_DIR/report.html, for a browser left open on it (it reloads itself while `live`)."""
+    from edgenas import html_report
+
+    html_report.write([run_dir], run_dir / "report.html", live)
+
+
 def parent_chooser(config: Config):
     """search.parent front: each change goes to a program of the accuracy-size front within the budgets."""
     if config.search.parent != "front":
@@ -147,10 +155,17 @@ def run_search(config: Config, run_dir: Path, resuming: bool, seed_program: str 
             cfg = config.search.model_copy(update={"max_wall_s": left})
             (run_dir / "config.yaml").write_text(redact.scrub(dump_config(config)))
             archive.event("resume" if resuming else "start", iteration=archive.next_iteration(),
-                          workers=[e.where for e in evaluators])
+                          workers=[e.where for e in evaluators], environment=environment())
             with Display(console, config.search, archive) as display:
+                def on_iteration(candidate, archive):
+                    display.update(candidate, archive)
+                    every = config.search.report_every
+                    if every and archive.stats()["iterations"] % every == 0:
+                        write_report(run_dir, live=True)
+
                 seed = seed_program if not resuming else None
-                reason = loop.run(archive, proposer, evaluators, cfg, seed, display.update, parent_chooser(config))
+                reason = loop.run(archive, proposer, evaluators, cfg, seed, on_iteration, parent_chooser(config))
+            write_report(run_dir, live=False)
             if limit is not None and spent and reason.startswith("reached the wall-time limit"):
                 reason = f"reached the wall-time limit of {limit:g} s ({spent:.0f} s of it in earlier sessions)"
             best = archive.best()
