@@ -84,8 +84,10 @@ class Archive:
         elif int(found[0]) in UPGRADABLE and readonly:
             pass
         elif int(found[0]) in UPGRADABLE:  # one chain, nothing pending: the new column's default says so
-            self.db.execute("ALTER TABLE candidates ADD COLUMN chain INTEGER NOT NULL DEFAULT 0")
-            self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+            with self.db:  # both or neither: a kill between them must not leave a half-upgraded archive
+                self.db.execute("BEGIN IMMEDIATE")
+                self.db.execute("ALTER TABLE candidates ADD COLUMN chain INTEGER NOT NULL DEFAULT 0")
+                self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
         elif int(found[0]) != SCHEMA_VERSION:
             raise ArchiveError(f"{self.dir} has archive schema {found[0]}; this edgenas reads schema {SCHEMA_VERSION} "
                                f"(use the edgenas version that wrote it, or start a new run directory)")
@@ -98,11 +100,6 @@ class Archive:
 
     def add(self, candidate: Candidate) -> None:
         """Write a candidate: a new iteration, or the measured record of a pending one."""
-        if candidate.code is not None:
-            path = self.dir / "candidates" / f"{candidate.iteration:05d}.py"
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(redact.scrub(candidate.code))
-            os.replace(tmp, path)
         r = candidate.result
         row = (candidate.iteration, candidate.status, candidate.outcome.kind if candidate.status != "ok" else None,
                candidate.val_accuracy, r.params if r else None, r.macs if r else None,
@@ -113,6 +110,11 @@ class Archive:
                                   f"ON CONFLICT(iteration) DO UPDATE SET {updates} WHERE status='pending'", row).rowcount
         if not written:
             raise ArchiveError(f"iteration {candidate.iteration} is already in {self.dir}")
+        if candidate.code is not None:  # after the row: a refused write leaves the file of the row that stands
+            path = self.dir / "candidates" / f"{candidate.iteration:05d}.py"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(redact.scrub(candidate.code))
+            os.replace(tmp, path)
         self.event("candidate", iteration=candidate.iteration, status=candidate.status,
                    val_accuracy=candidate.val_accuracy, is_best=candidate.is_best)
 
@@ -187,9 +189,10 @@ class Archive:
         return self._load("SELECT record FROM candidates ORDER BY iteration")
 
     def since_best(self) -> int:
-        """Iterations since the last new best (all of them when there is none)."""
-        row = self.db.execute("SELECT MAX(iteration) FROM candidates WHERE is_best=1").fetchone()[0]
-        return self.next_iteration() - (row + 1 if row is not None else 0)
+        """Measured iterations since the last new best (all of them when there is none); those in flight may still
+        turn out to be one."""
+        return self.db.execute("SELECT COUNT(*) FROM candidates WHERE status!='pending' AND iteration > "
+                               "COALESCE((SELECT MAX(iteration) FROM candidates WHERE is_best=1), -1)").fetchone()[0]
 
     def stats(self) -> dict:
         n, valid, tokens = self.db.execute(

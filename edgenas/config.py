@@ -148,13 +148,20 @@ class SearchConfig(Section):
     report_every: int | None = Field(10, ge=1)  # rewrite RUN_DIR/report.html every N iterations (None: only at the end)
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _adoption_needs_best_parents(self):
+        if self.adopt_after is not None and self.parent == "front":
+            raise ValueError("search.adopt_after takes over another chain's best as the parent, so it needs "
+                             "search.parent best")
+        return self
+
 
 class RayConfig(Section):
     """search.executor ray. Needs `pip install -e ".[ray]"`."""
 
     address: str | None = None  # a running cluster ("auto", "HOST:PORT", "ray://..."); None starts one on this machine
     cpus_per_worker: float = Field(1.0, ge=0)
-    gpus_per_worker: float | None = Field(None, ge=0)  # None: 1 when eval.device is cuda, else 0
+    gpus_per_worker: float | None = Field(None, ge=0)  # None: 1 when eval.device is cuda, else 0 (set it with auto)
 
 
 class Config(Section):

@@ -28,6 +28,7 @@ class Evaluator:
         self.peer: wire.Peer | None = None
         self.info: dict = {}
         self.last_graph: bytes = b""  # the trained ONNX graph of the last valid candidate
+        self.closed = False  # closed by its owner: a measurement still in flight must not start a new worker
 
     @property
     def where(self) -> dict:
@@ -42,7 +43,8 @@ class Evaluator:
     def launch(self) -> None:
         """Start the worker process, which then loads its data. The worker dies with the thread that launched it
         (PR_SET_PDEATHSIG follows threads): launch from a thread that outlives the evaluator."""
-        self.close()
+        self._stop()
+        self.closed = False
         env = clean_env() if self.gpu is None else {**clean_env(), "CUDA_VISIBLE_DEVICES": self.gpu}
         self.peer = wire.Peer("edgenas.worker", env)
         self.peer.send({"kind": "init", "init": {"config": self.config.model_dump(mode="json"), "cpus": self.cpus}})
@@ -52,7 +54,7 @@ class Evaluator:
         try:
             self.info = self.peer.ready(STARTUP_TIMEOUT_S)
         except wire.WireError as e:
-            self.close()
+            self._stop()
             raise SandboxError(redact.scrub(str(e))) from None
         return self.info
 
@@ -63,6 +65,8 @@ class Evaluator:
             self.start()
         start = time.perf_counter()
         base = {"device": self.info["device"], "dataset": self.info["dataset"], "seed": self.config.train.seed + run}
+        if self.closed:  # the search is stopping: this record is never written, the candidate stays pending
+            return failed(FailureKind.crashed, "the evaluator was closed before this candidate was measured", **base)
         problem = check_source(code)
         static_s = round(time.perf_counter() - start, 4)
         if problem:
@@ -72,7 +76,8 @@ class Evaluator:
         reply = self.peer.receive(2 * self.config.eval.timeout_s + MEASURE_MARGIN_S)
         self.last_graph = b""
         if reply is None or reply.kind != "record":
-            self.start()
+            if not self.closed:
+                self.start()
             return failed(FailureKind.crashed, "the evaluation worker died or hung; the candidate was not measured", **base)
         record = redact.scrub_data(reply.header["record"])
         record["stage_seconds"] = {"static": static_s, **record.get("stage_seconds", {})}
@@ -84,6 +89,10 @@ class Evaluator:
         return result
 
     def close(self) -> None:
+        self.closed = True
+        self._stop()
+
+    def _stop(self) -> None:
         if self.peer is not None:
             self.peer.close()
             self.peer = None

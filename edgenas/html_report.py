@@ -60,9 +60,11 @@ def label_runs(runs: list[Run]) -> None:
     flat = [_flat(r.config.model_dump(mode="json")) for r in runs]
     differ = [k for k in sorted(set().union(*flat)) if len({json.dumps(f.get(k)) for f in flat}) > 1]
     differ = [k for k in differ if not k.startswith(("dataset.root", "dataset.cache_dir", "llm.cache_dir"))]
-    for run, f in zip(runs, flat, strict=True):
+    for i, (run, f) in enumerate(zip(runs, flat, strict=True)):
         shown = ", ".join(f"{k.split('.', 1)[1]}={f.get(k)}" for k in differ[:3])
         run.label = f"{run.dir.name}: {shown}" if shown else run.dir.name
+        if any(other.label == run.label for other in runs[:i]):  # labels key each run's code: keep them apart
+            run.label += f" ({i + 1})"
 
 
 def _pct(value) -> str:
@@ -76,7 +78,7 @@ def _hover(c: Candidate, label: str) -> str:
         parts += [f"{r.params:,} params" if r.params else "", f"{r.macs / 1e6:.1f}M MACs" if r.macs else "",
                   f"{r.peak_memory_bytes / 2**20:.0f} MiB" if r.peak_memory_bytes else "",
                   f"{r.latency_ms:.3f} ms" if r.latency_ms else ""]
-    parts.append(html.escape(c.modification[:120]))
+    parts.append(html.escape(c.modification[:120], quote=False))  # plotly decodes no &quot;
     return "<br>".join(p for p in parts if p)
 
 
@@ -210,7 +212,7 @@ def render(runs: list[Run], live: bool = False) -> str:
     reload = f'<meta http-equiv="refresh" content="{RELOAD_S}">' if live else ""
     follows = f" (live: reloads every {RELOAD_S} s)" if live else ""
     title = "edgenas report: " + ", ".join(r.label for r in runs)
-    code_json = json.dumps(code).replace("</", "<\\/")  # no "</script>" inside the script
+    code_json = json.dumps(code).replace("<", "\\u003c")  # no "</script>" or "<!--" can end or bend the script
     page = "".join([
         f"<!DOCTYPE html><html><head><meta charset='utf-8'>{reload}<title>{html.escape(title)}</title>",
         f"<style>{STYLE}</style><script>PLOTLYJS</script></head><body>",

@@ -9,6 +9,7 @@ in it before it is measured), so a killed run resumes where it stood without ask
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -106,14 +107,14 @@ def run(archive, proposer, evaluators, cfg: SearchConfig, seed_program: str | No
     """Iterate until a stop condition, then let what is in flight finish; returns the reason. Safe to call again on
     the same archive. Raises LLMUnavailable after search.max_llm_errors LLM errors in a row."""
     started, errors, reason, llm_down = time.monotonic(), 0, None, False  # errors: this session's only
-    free = queue.SimpleQueue()  # evaluation slots: each measurement holds one
+    free, stopping = queue.SimpleQueue(), threading.Event()  # evaluation slots: each measurement holds one
     for evaluator in evaluators:
         free.put(evaluator)
 
-    def measure_on_a_free_slot(pending: Candidate, best: Candidate | None) -> Candidate:
+    def measure_on_a_free_slot(pending: Candidate, best: Candidate | None) -> Candidate | None:
         evaluator = free.get()
         try:
-            return measure(pending, best, evaluator, cfg)
+            return None if stopping.is_set() else measure(pending, best, evaluator, cfg)
         finally:
             free.put(evaluator)
 
@@ -125,7 +126,8 @@ def run(archive, proposer, evaluators, cfg: SearchConfig, seed_program: str | No
     draws = {chain: archive.proposals(chain) for chain in range(cfg.chains)}  # seeds the LLM calls: reproducible
     seeding = seed_program is not None and archive.next_iteration() == 0  # the other chains wait for it
     tasks: dict = {}  # future -> (chain, kind): a chain has one thing in flight, its proposal or its measurement
-    with ThreadPoolExecutor(max_workers=cfg.chains + len(archive.pending())) as pool:
+    pool = ThreadPoolExecutor(max_workers=cfg.chains + len(archive.pending()))
+    try:
         for pending in archive.pending():  # a killed run's proposals: measured now, never asked of the LLM again
             tasks[pool.submit(measure_on_a_free_slot, pending, best_of(archive, pending.chain))] = (pending.chain, "measure")
         while True:
@@ -159,6 +161,11 @@ def run(archive, proposer, evaluators, cfg: SearchConfig, seed_program: str | No
                 errors = errors + 1 if candidate.status == "llm_error" else 0
                 if cfg.max_llm_errors is not None and errors >= cfg.max_llm_errors and not llm_down:
                     reason, llm_down = f"stopped after {errors} LLM errors in a row; the last: {candidate.outcome.diagnostic}", True
+    except BaseException:  # Ctrl-C or a crash: leave at once; what was in flight stays pending for the resume
+        stopping.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     archive.event("stop", reason=reason)
     if llm_down:
         raise LLMUnavailable(reason)

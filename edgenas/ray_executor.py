@@ -11,8 +11,10 @@ import sys
 import ray
 
 from edgenas.config import Config
-from edgenas.records import EvalResult
+from edgenas.records import EvalResult, FailureKind, failed
 from edgenas.sandbox.zygote import SandboxError
+
+RETRIES = 3  # a candidate whose worker (or node) died is measured again elsewhere up to this many times
 
 
 class Slot:
@@ -43,7 +45,11 @@ class RayEvaluator:
         return {"node": self.info["node"], "ip": self.info["ip"]}
 
     def evaluate(self, code: str, run: int = 0) -> EvalResult:
-        return EvalResult.model_validate(ray.get(self.actor.evaluate.remote(code, run)))
+        try:
+            return EvalResult.model_validate(ray.get(self.actor.evaluate.remote(code, run)))
+        except ray.exceptions.RayError as e:  # its actor was lost more often than Ray retries: record it, go on
+            return failed(FailureKind.crashed, f"the Ray evaluation worker was lost {RETRIES + 1} times measuring it "
+                          f"({type(e).__name__})", device=self.info["device"], dataset=self.info["dataset"])
 
 
 def start(config: Config, stack: contextlib.ExitStack) -> list[RayEvaluator]:
@@ -56,7 +62,7 @@ def start(config: Config, stack: contextlib.ExitStack) -> list[RayEvaluator]:
              configure_logging=False)
     stack.callback(ray.shutdown)
     gpus = rc.gpus_per_worker if rc.gpus_per_worker is not None else float(config.eval.device == "cuda")
-    actor = ray.remote(num_cpus=rc.cpus_per_worker, num_gpus=gpus, max_restarts=-1, max_task_retries=-1)(Slot)
+    actor = ray.remote(num_cpus=rc.cpus_per_worker, num_gpus=gpus, max_restarts=-1, max_task_retries=RETRIES)(Slot)
     actors = [actor.options(scheduling_strategy="SPREAD").remote(config.model_dump(mode="json"))
               for _ in range(config.search.workers)]
     try:

@@ -106,11 +106,16 @@ def placements(workers: int, device: str) -> list[dict]:
             for i in range(workers)]
 
 
-def write_report(run_dir: Path, live: bool) -> None:
-    """RUN_DIR/report.html, for a browser left open on it (it reloads itself while `live`)."""
+def write_report(run_dir: Path, live: bool, console) -> None:
+    """RUN_DIR/report.html, for a browser left open on it (it reloads itself while `live`). A report that cannot be
+    written is a warning: the search goes on."""
     from edgenas import html_report
 
-    html_report.write([run_dir], run_dir / "report.html", live)
+    try:
+        html_report.write([run_dir], run_dir / "report.html", live)
+    except Exception as e:  # noqa: BLE001 - the search matters more than its page
+        console.print(f"warning: the report was not written ({type(e).__name__}: {redact.scrub(str(e))[:200]})",
+                      highlight=False, markup=False)
 
 
 def parent_chooser(config: Config):
@@ -161,11 +166,13 @@ def run_search(config: Config, run_dir: Path, resuming: bool, seed_program: str 
                     display.update(candidate, archive)
                     every = config.search.report_every
                     if every and archive.stats()["iterations"] % every == 0:
-                        write_report(run_dir, live=True)
+                        write_report(run_dir, live=True, console=display.console)
 
                 seed = seed_program if not resuming else None
-                reason = loop.run(archive, proposer, evaluators, cfg, seed, on_iteration, parent_chooser(config))
-            write_report(run_dir, live=False)
+                try:
+                    reason = loop.run(archive, proposer, evaluators, cfg, seed, on_iteration, parent_chooser(config))
+                finally:  # however the session ends, the page stops reloading
+                    write_report(run_dir, live=False, console=display.console)
             if limit is not None and spent and reason.startswith("reached the wall-time limit"):
                 reason = f"reached the wall-time limit of {limit:g} s ({spent:.0f} s of it in earlier sessions)"
             best = archive.best()
@@ -191,7 +198,7 @@ class Display:
         self.progress = Progress(TextColumn("search"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                                  TimeElapsedColumn(), console=self.console, transient=True)
         self.task = self.progress.add_task(self._describe(archive), total=search.iterations,
-                                           completed=archive.next_iteration())
+                                           completed=archive.stats()["iterations"])
 
     def _describe(self, archive) -> str:
         best, stats = archive.best(), archive.stats()

@@ -105,6 +105,10 @@ def test_report_command_compares_runs_labelled_by_what_differs(runs, tmp_path):
     from edgenas import html_report
 
     assert 'http-equiv="refresh"' in html_report.write([live], live / "r.html", live=True).read_text()
+    run = html_report.load_run(live)  # code that would end or bend the page's script stays inside its string
+    run.candidates[0] = run.candidates[0].model_copy(update={"code": "x = '<!--<script>'  # </script>\n"})
+    page = html_report.render([run])
+    assert "\\u003c!--\\u003cscript>" in page and "'<!--<script>'" not in page.split("const CODE")[1]
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

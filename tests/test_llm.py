@@ -1,3 +1,4 @@
+import json
 import time
 
 import pytest
@@ -228,6 +229,26 @@ def test_transformers_batches_requests_that_arrive_together(tiny_model, monkeypa
         t.join()
     assert sizes == [1, 3]
     assert [(r.text, r.tokens_in, r.tokens_out) for r in replies] == [(r.text, r.tokens_in, r.tokens_out) for r in alone]
+
+
+def test_transformers_tokenizer_without_a_pad_token(tiny_model, tmp_path):
+    """Llama and Mistral tokenizers have no pad token: batches are padded with EOS instead of failing."""
+    import shutil
+
+    copy = tmp_path / "no-pad"
+    shutil.copytree(tiny_model, copy)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = copy / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            data.pop("pad_token", None)
+            path.write_text(json.dumps(data))
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(copy).pad_token is None
+    chat = make_chat_model(LLMConfig(backend="transformers", model=str(copy)))
+    reply = chat.chat(MESSAGES, Sampling(temperature=0.0, max_tokens=6, seed=1))
+    assert 1 <= reply.tokens_out <= 6
 
 
 def test_transformers_missing_model_is_one_setup_line(tmp_path):

@@ -228,3 +228,35 @@ def test_workers_share_the_cores_and_take_the_visible_gpus_in_turn(tmp_path, mon
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # the user's choice holds: every worker on that GPU
     assert [p["gpu"] for p in search.placements(2, "auto")] == ["1", "1"]
     assert [p["gpu"] for p in search.placements(2, "cpu")] == [None, None]
+
+
+def test_patience_counts_only_measured_iterations(tmp_path):
+    """Every program beats the one before: with candidates in flight, patience must not stop the run."""
+    generator, improver = SlowChat("generator", Gauge()), SlowChat("improver", Gauge())
+    archive = Archive(tmp_path / "run")
+    reason = loop.run(archive, proposer(generator, improver), [SlowEvaluator(Gauge()) for _ in range(2)],
+                      SearchConfig(iterations=9, chains=3, workers=2, patience=2, confirm_margin=None))
+    assert reason == "reached 9 iterations" and all(c.is_best for c in archive.all()[:1])
+
+
+def test_an_interrupted_run_leaves_at_once_and_keeps_what_is_in_flight(tmp_path):
+    class Stuck(SlowEvaluator):
+        def evaluate(self, code, run=0):
+            if "TAG = '1'" not in code:
+                time.sleep(6)
+            return super().evaluate(code, run)
+
+    def interrupt(candidate, archive):
+        if candidate.status == "ok":
+            raise KeyboardInterrupt
+
+    generator, improver = SlowChat("generator", Gauge()), SlowChat("improver", Gauge())
+    archive = Archive(tmp_path / "run")
+    start = time.monotonic()
+    try:
+        loop.run(archive, proposer(generator, improver), [Stuck(Gauge()) for _ in range(2)],
+                 SearchConfig(iterations=9, chains=3, workers=2, confirm_margin=None), on_iteration=interrupt)
+    except KeyboardInterrupt:
+        pass
+    assert time.monotonic() - start < 4  # not the 6 s the other measurements still need
+    assert archive.pending() and all(c.status in ("ok", "pending") for c in archive.all())

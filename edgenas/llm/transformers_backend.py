@@ -63,6 +63,8 @@ def _load(cfg: LLMConfig) -> tuple:
         raise LLMSetupError(f"cannot load {cfg.model} ({_where(cfg.model)}): {detail}") from None
     if not tokenizer.chat_template:
         raise LLMSetupError(f"{cfg.model} has no chat template: use an instruction-tuned model")
+    if tokenizer.pad_token is None:  # Llama and Mistral tokenizers have none; batches are padded (left) with EOS
+        tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return tokenizer, model
 
@@ -153,7 +155,7 @@ class _Batcher:
             options = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
         else:  # clear the model's own sampling defaults so greedy decoding raises no warnings
             options = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id
         tokenizer.padding_side = "left"  # generation continues every row from its last real token
         inputs = tokenizer([r.prompt for r in batch], return_tensors="pt", padding=True, add_special_tokens=False)
         inputs = inputs.to(model.device)
