@@ -86,11 +86,12 @@ def random_input(node, batch: int) -> np.ndarray:
     return np.random.default_rng(0).standard_normal(shape).astype(DTYPES[node.type])
 
 
-def bench(model_path: str | os.PathLike, threads: int | None = None, runs: int = 200, warmup: int = 20,
+def bench(model_path: str | os.PathLike | bytes, threads: int | None = None, runs: int = 200, warmup: int = 20,
           batch: int = 1) -> dict:
     """Latency percentiles of `runs` timed session.run calls after `warmup` untimed ones.
 
-    threads=None uses every core this process may run on. Only session.run sits inside the timer.
+    threads=None uses every core this process may run on. Only session.run sits inside the timer. The model is a
+    path, or the file's bytes (the device agent's case).
     """
     if runs < 1 or warmup < 0 or batch < 1:
         raise ValueError("runs and batch must be >= 1 and warmup >= 0")
@@ -101,7 +102,7 @@ def bench(model_path: str | os.PathLike, threads: int | None = None, runs: int =
     times = timed_runs(sess, feed, runs, warmup)
     p50 = float(np.percentile(times, 50))
     return {
-        "model": str(model_path), "p50_ms": p50, "p90_ms": float(np.percentile(times, 90)),
+        "model": f"{len(model_path):,} bytes" if isinstance(model_path, bytes) else str(model_path), "p50_ms": p50, "p90_ms": float(np.percentile(times, 90)),
         "mean_ms": float(times.mean()), "min_ms": float(times.min()), "throughput_per_s": 1000 * batch / p50,
         "threads": threads, "batch": batch, "runs": runs, "warmup": warmup, "input_shape": list(feed[node.name].shape),
         "onnxruntime": ort.__version__, "cpu": cpu_model(), "cores": available_cores(),
