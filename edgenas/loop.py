@@ -53,7 +53,8 @@ def context(archive, chain: int, cfg: SearchConfig, choose_parent=None, draw: in
                    and archive.stalled(chain) >= cfg.adopt_after)
     best = run_best if adopted else best
     parent = (choose_parent(archive, draw) if choose_parent and best else None) or best
-    return Context(parent, recent[-1] if recent else None, memory.window([c.triple for c in recent], k),
+    # a chain's first attempt follows the program it starts from: that is its latest attempt until it has its own
+    return Context(parent, recent[-1] if recent else best, memory.window([c.triple for c in recent], k),
                    front=parent is not best, adopted=adopted)
 
 
@@ -124,7 +125,7 @@ def run(archive, proposer, evaluators, cfg: SearchConfig, seed_program: str | No
         return proposer.propose(ctx, draw), ctx
 
     draws = {chain: archive.proposals(chain) for chain in range(cfg.chains)}  # seeds the LLM calls: reproducible
-    seeding = seed_program is not None and archive.next_iteration() == 0  # the other chains wait for it
+    seeding = seed_program is not None and archive.next_iteration() == 0  # the seed program is iteration 0
     tasks: dict = {}  # future -> (chain, kind): a chain has one thing in flight, its proposal or its measurement
     pool = ThreadPoolExecutor(max_workers=cfg.chains + len(archive.pending()))
     try:
@@ -132,15 +133,18 @@ def run(archive, proposer, evaluators, cfg: SearchConfig, seed_program: str | No
             tasks[pool.submit(measure_on_a_free_slot, pending, best_of(archive, pending.chain))] = (pending.chain, "measure")
         while True:
             reason = reason or stop_reason(archive, cfg, time.monotonic() - started)
-            for chain in range(1 if seeding else cfg.chains):
+            # until a first candidate is measured, the other chains wait: they start from the run's best, not from
+            # scratch, where they would write the same first program again and again
+            for chain in range(cfg.chains if archive.recent(1) else 1):
                 busy = {c for c, _ in tasks.values()}
                 proposing = sum(kind == "propose" for _, kind in tasks.values())
                 if reason or chain in busy or archive.next_iteration() + proposing >= cfg.iterations:
                     continue
-                draw = -1 if seeding else draws[chain] * cfg.chains + chain
+                draw = -1 if seeding and chain == 0 else draws[chain] * cfg.chains + chain
                 ctx = context(archive, chain, cfg, choose_parent, draw)
                 tasks[pool.submit(propose, ctx, draw)] = (chain, "propose")
                 draws[chain] += 1
+                seeding = False
             if not tasks:
                 break
             for future in wait(tasks, return_when=FIRST_COMPLETED).done:
@@ -155,7 +159,6 @@ def run(archive, proposer, evaluators, cfg: SearchConfig, seed_program: str | No
                 else:
                     candidate = future.result()
                     archive.add(candidate)
-                    seeding = False
                 if on_iteration is not None:
                     on_iteration(candidate, archive)
                 errors = errors + 1 if candidate.status == "llm_error" else 0

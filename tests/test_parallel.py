@@ -1,6 +1,7 @@
 """Several chains over a pool of evaluation slots: every iteration exactly once, each chain's own memory window,
 LLM calls and evaluations really side by side, and a kill -9 with work in flight resumed without asking again."""
 
+import itertools
 import json
 import os
 import re
@@ -240,14 +241,16 @@ def test_patience_counts_only_measured_iterations(tmp_path):
 
 
 def test_an_interrupted_run_leaves_at_once_and_keeps_what_is_in_flight(tmp_path):
-    class Stuck(SlowEvaluator):
+    calls = itertools.count()
+
+    class Stuck(SlowEvaluator):  # the first two measurements are quick, every later one takes 6 s
         def evaluate(self, code, run=0):
-            if "TAG = '1'" not in code:
+            if next(calls) >= 2:
                 time.sleep(6)
             return super().evaluate(code, run)
 
-    def interrupt(candidate, archive):
-        if candidate.status == "ok":
+    def interrupt(candidate, archive):  # Ctrl-C once others are in flight
+        if candidate.status == "ok" and archive.pending():
             raise KeyboardInterrupt
 
     generator, improver = SlowChat("generator", Gauge()), SlowChat("improver", Gauge())
@@ -260,3 +263,24 @@ def test_an_interrupted_run_leaves_at_once_and_keeps_what_is_in_flight(tmp_path)
         pass
     assert time.monotonic() - start < 4  # not the 6 s the other measurements still need
     assert archive.pending() and all(c.status in ("ok", "pending") for c in archive.all())
+
+
+def test_other_chains_wait_for_a_first_candidate_instead_of_writing_it_again(tmp_path):
+    """Like the mutate baseline, this generator writes the same first program whenever it has no reference: only
+    chain 0 may start from scratch, the others start from the run's best once there is one."""
+    generator, improver = SlowChat("generator", Gauge()), SlowChat("improver", Gauge())
+    chat = generator.chat
+
+    def first_is_always_the_same(messages, sampling):
+        reply = chat(messages, sampling)
+        if "Reference model" not in messages[-1]["content"]:
+            return type(reply)(fenced(program(0.2, tag="first")), 1, 1, 0.0)
+        return reply
+
+    generator.chat = first_is_always_the_same
+    archive = Archive(tmp_path / "run")
+    loop.run(archive, proposer(generator, improver), [SlowEvaluator(Gauge()) for _ in range(2)],
+             SearchConfig(iterations=9, chains=3, workers=2, confirm_margin=None))
+    rows = archive.all()
+    assert [r.status for r in rows] == ["ok"] * 9 and rows[0].chain == 0
+    assert all(r.parent is not None for r in rows[1:])
