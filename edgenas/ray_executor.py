@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 
 import ray
 
 from edgenas.config import Config
+from edgenas.evaluate import STARTUP_TIMEOUT_S
 from edgenas.records import EvalResult, FailureKind, failed
 from edgenas.sandbox.zygote import SandboxError
 
@@ -45,11 +47,21 @@ class RayEvaluator:
         return {"node": self.info["node"], "ip": self.info["ip"]}
 
     def evaluate(self, code: str, run: int = 0) -> EvalResult:
-        try:
-            return EvalResult.model_validate(ray.get(self.actor.evaluate.remote(code, run)))
-        except ray.exceptions.RayError as e:  # its actor was lost more often than Ray retries: record it, go on
-            return failed(FailureKind.crashed, f"the Ray evaluation worker was lost {RETRIES + 1} times measuring it "
-                          f"({type(e).__name__})", device=self.info["device"], dataset=self.info["dataset"])
+        """Ray re-runs the task when the actor's process or node dies; while the actor restarts elsewhere (it loads
+        its data again) it is unavailable: wait for it. Only a task lost more than RETRIES times is recorded."""
+        deadline, lost = time.monotonic() + STARTUP_TIMEOUT_S, 0
+        while True:
+            try:
+                return EvalResult.model_validate(ray.get(self.actor.evaluate.remote(code, run)))
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    lost = RETRIES + 1
+                time.sleep(1.0)
+            except ray.exceptions.RayError:
+                lost += 1
+            if lost > RETRIES:
+                return failed(FailureKind.crashed, f"the Ray evaluation worker was lost {lost} times measuring it",
+                              device=self.info["device"], dataset=self.info["dataset"])
 
 
 def start(config: Config, stack: contextlib.ExitStack) -> list[RayEvaluator]:
