@@ -27,9 +27,9 @@ from edgenas.archive import Archive  # noqa: E402
 from edgenas.search import run_search  # noqa: E402
 from tests.fake_openai import FakeOpenAI, reply  # noqa: E402
 
-# chains, workers, iterations: six rounds per chain, so the start (every chain waiting for its first reply) and the
-# end (the last measurements with no LLM call left to overlap) weigh little against the steady state
-CONFIGS = ((1, 1, 6), (2, 1, 12), (4, 2, 24), (8, 2, 48))
+# chains, workers; each runs --rounds iterations per chain, so that the start (the other chains wait for the first
+# candidate) and the end (the last measurements, with no LLM call left to overlap) weigh little
+CONFIGS = ((1, 1), (2, 1), (4, 2), (8, 2))
 
 
 def responder(improver_s: float, generator_s: float):
@@ -71,6 +71,7 @@ def main() -> None:
     p = parser(__doc__, train_subset=1000, val_size=500, repeats=1, warmup=0)
     p.add_argument("--improver-s", type=float, default=2.0)
     p.add_argument("--generator-s", type=float, default=6.0)
+    p.add_argument("--rounds", type=int, default=6, help="iterations per chain in each configuration")
     args = p.parse_args()
     machine = machine_info()
     config = make_config(args)
@@ -81,8 +82,8 @@ def main() -> None:
         config.llm.improver = config.llm.generator
         config.llm.cache = False
         config.search.confirm_margin = None  # every candidate measured once: the rate is the loop's
-        for chains, workers, iterations in CONFIGS:
-            rows.append(measure(config, chains, workers, iterations, fake.url))
+        for chains, workers in CONFIGS:
+            rows.append(measure(config, chains, workers, chains * args.rounds, fake.url))
             print(f"C={chains} W={workers}: {rows[-1]['per_hour']:.0f} it/h ({rows[-1]['of_ideal']:.0%} of ideal)", flush=True)
     serial = rows[0]["per_hour"]
     four = next(r for r in rows if r["chains"] == 4)
