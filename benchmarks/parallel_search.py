@@ -33,7 +33,7 @@ CONFIGS = ((1, 1), (2, 1), (4, 2), (8, 2))
 
 
 def responder(improver_s: float, generator_s: float):
-    widths = itertools.count(8)
+    calls = itertools.count()
     lock = threading.Lock()
 
     def answer(request):
@@ -42,8 +42,10 @@ def responder(improver_s: float, generator_s: float):
             return reply(json.dumps({"problem": "p", "modification": "widen the network"}), usage=(900, 40))
         time.sleep(generator_s)
         with lock:
-            w = next(widths)
-        return reply(f"```python\n{reference_cnn((w, w + 8, w + 16))}```", usage=(1200, 400))
+            n = next(calls)
+        w = 16 + n % 8  # the same cost in every configuration; `self.n` makes each program new to the archive
+        code = reference_cnn((w, 2 * w, 4 * w)).replace("super().__init__()", f"super().__init__()\n        self.n = {n}")
+        return reply(f"```python\n{code}```", usage=(1200, 400))
 
     return answer
 
