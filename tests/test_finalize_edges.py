@@ -18,14 +18,7 @@ from exporters.onnx_export import export_onnx
 from exporters.quantize import quantize_int8
 
 from .conftest import ROOT, run_cli
-
-SYNTHETIC = """
-dataset: {name: synthetic, num_classes: 4, in_shape: [3, 16, 16], synthetic_size: 1200, val_size: 200}
-train: {batch_size: 32}
-eval: {timeout_s: 60, latency_runs: 3}
-llm: {generator: {backend: mutate}}
-search: {iterations: 1}
-"""
+from .test_attacks_finalize import SYNTHETIC
 
 TINY = """
 class Net(nn.Module):
