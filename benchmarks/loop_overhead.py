@@ -45,6 +45,8 @@ class InstantChat:
 
 
 class InstantEvaluator:
+    last_graph = b""
+
     def evaluate(self, code, run=0):
         return EvalResult(status=Status.ok, val_accuracy=0.4 + (hash(code) % 1000) / 1e5, params=94_762, macs=12_000_000,
                           peak_memory_bytes=90 << 20, latency_ms=0.9, train_seconds=30.0, device="cpu", dataset="cifar10",

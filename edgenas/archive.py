@@ -4,6 +4,7 @@
     RUN_DIR/archive.sqlite     every candidate (schema below), WAL mode
     RUN_DIR/candidates/N.py    each candidate's code, for people
     RUN_DIR/events.jsonl       append-only event log (sessions' start, resume and stop: the run's wall time)
+    RUN_DIR/targets/N.onnx     graphs waiting for their target latency (edgenas/target.py), deleted once measured
 
 Everything written passes through `redact` first, so no API key or token from the environment lands in a run.
 Contract: an iteration is written when it is proposed (status `pending`, with the LLM's code) and rewritten in
@@ -23,8 +24,9 @@ from pathlib import Path
 from edgenas import redact
 from edgenas.records import Candidate, Failure
 
-SCHEMA_VERSION = 3  # 3: chains, pending proposals, close wins re-run (reruns, seed); 2: measured on the graph
-UPGRADABLE = {2}  # older schemas whose records load as they are: they lack only fields that have defaults
+SCHEMA_VERSION = 4  # 4: target latency; 3: chains, pending proposals, close wins re-run; 2: measured on the graph
+# older schemas whose records load as they are (they lack only fields that have defaults): the columns they miss
+UPGRADABLE = {2: ("chain INTEGER NOT NULL DEFAULT 0", "target_latency_ms REAL"), 3: ("target_latency_ms REAL",)}
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS candidates (
@@ -40,14 +42,15 @@ CREATE TABLE IF NOT EXISTS candidates (
     is_best INTEGER NOT NULL,
     created REAL NOT NULL,
     record TEXT NOT NULL,
-    chain INTEGER NOT NULL DEFAULT 0
+    chain INTEGER NOT NULL DEFAULT 0,
+    target_latency_ms REAL
 );
 CREATE INDEX IF NOT EXISTS candidates_hash ON candidates (code_hash);
 """
 # record: the whole Candidate as JSON (code, prompts, replies, result, re-runs, timings, tokens); the other columns
 # are copies of its fields, there to be queried
 COLUMNS = ("iteration", "status", "failure_kind", "val_accuracy", "params", "macs", "peak_memory_bytes", "latency_ms",
-           "code_hash", "is_best", "created", "record", "chain")
+           "code_hash", "is_best", "created", "record", "chain", "target_latency_ms")
 
 
 class ArchiveError(RuntimeError):
@@ -83,10 +86,11 @@ class Archive:
             self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         elif int(found[0]) in UPGRADABLE and readonly:
             pass
-        elif int(found[0]) in UPGRADABLE:  # one chain, nothing pending: the new column's default says so
-            with self.db:  # both or neither: a kill between them must not leave a half-upgraded archive
+        elif int(found[0]) in UPGRADABLE:  # one chain, no target latency: the new columns' defaults say so
+            with self.db:  # all or nothing: a kill in between must not leave a half-upgraded archive
                 self.db.execute("BEGIN IMMEDIATE")
-                self.db.execute("ALTER TABLE candidates ADD COLUMN chain INTEGER NOT NULL DEFAULT 0")
+                for column in UPGRADABLE[int(found[0])]:
+                    self.db.execute(f"ALTER TABLE candidates ADD COLUMN {column}")
                 self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
         elif int(found[0]) != SCHEMA_VERSION:
             raise ArchiveError(f"{self.dir} has archive schema {found[0]}; this edgenas reads schema {SCHEMA_VERSION} "
@@ -98,16 +102,21 @@ class Archive:
 
     # ------------------------------------------------------------ writing
 
+    @staticmethod
+    def _row(candidate: Candidate) -> tuple:
+        r = candidate.result
+        target = r.target.p50_ms if r and r.target else None
+        return (candidate.iteration, candidate.status, candidate.outcome.kind if candidate.status != "ok" else None,
+                candidate.val_accuracy, r.params if r else None, r.macs if r else None,
+                r.peak_memory_bytes if r else None, r.latency_ms if r else None, candidate.code_hash,
+                int(candidate.is_best), candidate.created or time.time(), _record(candidate), candidate.chain, target)
+
     def add(self, candidate: Candidate) -> None:
         """Write a candidate: a new iteration, or the measured record of a pending one."""
-        r = candidate.result
-        row = (candidate.iteration, candidate.status, candidate.outcome.kind if candidate.status != "ok" else None,
-               candidate.val_accuracy, r.params if r else None, r.macs if r else None,
-               r.peak_memory_bytes if r else None, r.latency_ms if r else None, candidate.code_hash,
-               int(candidate.is_best), candidate.created or time.time(), _record(candidate), candidate.chain)
         updates = ", ".join(f"{c}=excluded.{c}" for c in COLUMNS[1:])
         written = self.db.execute(f"INSERT INTO candidates ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
-                                  f"ON CONFLICT(iteration) DO UPDATE SET {updates} WHERE status='pending'", row).rowcount
+                                  f"ON CONFLICT(iteration) DO UPDATE SET {updates} WHERE status='pending'",
+                                  self._row(candidate)).rowcount
         if not written:
             raise ArchiveError(f"iteration {candidate.iteration} is already in {self.dir}")
         if candidate.code is not None:  # after the row: a refused write leaves the file of the row that stands
@@ -117,6 +126,17 @@ class Archive:
             os.replace(tmp, path)
         self.event("candidate", iteration=candidate.iteration, status=candidate.status,
                    val_accuracy=candidate.val_accuracy, is_best=candidate.is_best)
+
+    def revise(self, candidate: Candidate) -> None:
+        """Rewrite a measured candidate whose target latency came in after it was written (edgenas/target.py)."""
+        values = self._row(candidate)
+        written = self.db.execute(f"UPDATE candidates SET {', '.join(f'{c}=?' for c in COLUMNS[1:])} WHERE "
+                                  "iteration=? AND status!='pending'", (*values[1:], values[0])).rowcount
+        if not written:
+            raise ArchiveError(f"iteration {candidate.iteration} has no measured row in {self.dir} to revise")
+        t = candidate.result.target
+        self.event("target", iteration=candidate.iteration, status=t.status, p50_ms=t.p50_ms, reason=t.reason,
+                   candidate_status=candidate.status)
 
     def event(self, kind: str, **data) -> None:
         line = json.dumps(redact.scrub_data({"time": time.time(), "event": kind, **data}),
@@ -128,6 +148,16 @@ class Archive:
 
     def _load(self, sql: str, args=()) -> list[Candidate]:
         return [Candidate.model_validate_json(row[0]) for row in self.db.execute(sql, args)]
+
+    def get(self, iteration: int) -> Candidate | None:
+        found = self._load("SELECT record FROM candidates WHERE iteration=?", (iteration,))
+        return found[0] if found else None
+
+    def waiting_for_target(self) -> list[int]:
+        """Measured candidates whose target latency is still to be measured."""
+        return [row[0] for row in self.db.execute(
+            "SELECT iteration FROM candidates WHERE json_extract(record, '$.result.target.status')='waiting' "
+            "ORDER BY iteration")]
 
     def next_iteration(self) -> int:
         return self.db.execute("SELECT COALESCE(MAX(iteration) + 1, 0) FROM candidates").fetchone()[0]

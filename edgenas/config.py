@@ -70,6 +70,7 @@ class BudgetConfig(Section):
     max_params: int | None = Field(None, ge=1)
     max_macs: int | None = Field(None, ge=1)
     max_memory_mb: float | None = Field(None, gt=0)
+    max_target_latency_ms: float | None = Field(None, gt=0)  # p50 on the target (needs a `target` section)
 
 
 class EvalConfig(Section):
@@ -164,6 +165,44 @@ class RayConfig(Section):
     gpus_per_worker: float | None = Field(None, ge=0)  # None: 1 when eval.device is cuda, else 0 (set it with auto)
 
 
+class TargetConfig(Section):
+    """Latency where the model will run. With `url`, each valid candidate's graph (INT8 when asked, calibrated on a
+    few validation images) goes to a device agent (python -m exporters.agent) while the next candidate trains;
+    without it, onnxruntime measures it on this machine, in the evaluation worker, after validation."""
+
+    url: str | list[str] | None = None  # one agent, or several identical devices sharing the work
+    token_file: str | None = None  # the agent's shared token, one line (required with url)
+    threads: int = Field(1, ge=1)
+    batch: int = Field(1, ge=1)
+    precision: Literal["fp32", "int8"] = "fp32"
+    runs: int = Field(50, ge=1)
+    warmup: int = Field(10, ge=0)
+    timeout_s: float = Field(120.0, gt=0)  # one measurement, upload included; a slower agent counts as down
+    retry_s: float = Field(30.0, gt=0)  # how long a graph waits before an agent that failed is asked again
+    calibration_images: int = Field(32, ge=1)  # int8 only
+
+    @field_validator("token_file")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        """Relative to where the search starts; a resume may run elsewhere."""
+        return str(Path(value).expanduser().absolute()) if value else value
+
+    @property
+    def urls(self) -> list[str]:
+        return [] if self.url is None else [self.url] if isinstance(self.url, str) else list(self.url)
+
+    @model_validator(mode="after")
+    def _agents_need_a_token(self):
+        for url in self.urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"target.url must start with http:// or https://, got {url!r}")
+        if self.url is not None and not self.urls:
+            raise ValueError("target.url is an empty list; leave it out to measure on this machine")
+        if self.urls and not self.token_file:
+            raise ValueError("target.url needs target.token_file, the file holding the agent's token")
+        return self
+
+
 class Config(Section):
     dataset: DatasetConfig = DatasetConfig()
     train: TrainConfig = TrainConfig()
@@ -172,6 +211,13 @@ class Config(Section):
     llm: LLMRoles = LLMRoles()
     search: SearchConfig = SearchConfig()
     ray: RayConfig = RayConfig()
+    target: TargetConfig | None = None  # None: no target latency (only the host's batch-1 latency_ms)
+
+    @model_validator(mode="after")
+    def _target_budget_needs_a_target(self):
+        if self.budget.max_target_latency_ms is not None and self.target is None:
+            raise ValueError("budget.max_target_latency_ms needs a `target` section (at least target.precision)")
+        return self
 
 
 def _describe(error: ValidationError) -> str:
@@ -179,6 +225,9 @@ def _describe(error: ValidationError) -> str:
     key = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
         return f"unknown config key '{key}'"
+    if first["type"] == "value_error":  # a rule across keys: its message names them, the input is a whole section
+        message = first["msg"].removeprefix("Value error, ")
+        return f"config key '{key}': {message}" if key else f"config: {message}"
     return f"config key '{key}': {first['msg']} (got {first.get('input')!r})"
 
 

@@ -27,7 +27,7 @@ class Evaluator:
         self.config, self.cpus, self.gpu = config, cpus, gpu
         self.peer: wire.Peer | None = None
         self.info: dict = {}
-        self.last_graph: bytes = b""  # the trained ONNX graph of the last valid candidate
+        self.last_graph: bytes = b""  # the last valid candidate's graph for the device agent (target.url), or b""
         self.closed = False  # closed by its owner: a measurement still in flight must not start a new worker
 
     @property

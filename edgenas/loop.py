@@ -91,22 +91,26 @@ def confirm(code: str, result: EvalResult, best: Candidate | None, evaluator, cf
     return [evaluator.evaluate(code, run=k) for k in range(1, cfg.confirm_runs + 1)]
 
 
-def measure(pending: Candidate, best: Candidate | None, evaluator, cfg: SearchConfig) -> Candidate:
-    """A pending candidate's measured record; `best` is its chain's best, the bar for promotion."""
+def measure(pending: Candidate, best: Candidate | None, evaluator, cfg: SearchConfig, targets=None) -> Candidate:
+    """A pending candidate's measured record; `best` is its chain's best, the bar for promotion. With `targets`
+    (edgenas/target.py) its graph is kept for the device agent."""
     start = time.perf_counter()
     result = evaluator.evaluate(pending.code)
+    graph = evaluator.last_graph
     reruns = confirm(pending.code, result, best, evaluator, cfg)
     best_accuracy = best.val_accuracy if best else None
     is_best = result.ok and all(r.ok for r in reruns) and (best_accuracy is None or mean_accuracy(result, reruns) > best_accuracy)
-    return pending.model_copy(update=dict(
+    measured = pending.model_copy(update=dict(
         status=result.status.value, result=result, reruns=reruns, is_best=is_best, eval_seconds=time.perf_counter() - start,
         outcome=memory.outcome_of(result, best_accuracy, reruns)))
+    return targets.prepare(measured, graph) if targets else measured
 
 
 def run(archive, proposer, evaluators, cfg: SearchConfig, seed_program: str | None = None, on_iteration=None,
-        choose_parent=None) -> str:
+        choose_parent=None, targets=None) -> str:
     """Iterate until a stop condition, then let what is in flight finish; returns the reason. Safe to call again on
-    the same archive. Raises LLMUnavailable after search.max_llm_errors LLM errors in a row."""
+    the same archive. Raises LLMUnavailable after search.max_llm_errors LLM errors in a row. `targets` measures the
+    valid candidates' target latency on device agents in the background."""
     started, errors, reason, llm_down = time.monotonic(), 0, None, False  # errors: this session's only
     free, stopping = queue.SimpleQueue(), threading.Event()  # evaluation slots: each measurement holds one
     for evaluator in evaluators:
@@ -115,7 +119,7 @@ def run(archive, proposer, evaluators, cfg: SearchConfig, seed_program: str | No
     def measure_on_a_free_slot(pending: Candidate, best: Candidate | None) -> Candidate | None:
         evaluator = free.get()
         try:
-            return None if stopping.is_set() else measure(pending, best, evaluator, cfg)
+            return None if stopping.is_set() else measure(pending, best, evaluator, cfg, targets)
         finally:
             free.put(evaluator)
 
@@ -159,6 +163,8 @@ def run(archive, proposer, evaluators, cfg: SearchConfig, seed_program: str | No
                 else:
                     candidate = future.result()
                     archive.add(candidate)
+                    if targets:
+                        targets.submit(candidate)
                 if on_iteration is not None:
                     on_iteration(candidate, archive)
                 errors = errors + 1 if candidate.status == "llm_error" else 0

@@ -26,6 +26,7 @@ def outcome_of(result: EvalResult, best_accuracy: float | None, reruns: list[Eva
                                             f"({failed.failure.kind.value}: {failed.failure.message[:200]})")
         return Outcome(status="ok", val_accuracy=accuracy, delta=delta, params=result.params, macs=result.macs,
                        peak_memory_bytes=result.peak_memory_bytes, diagnostic=note,
+                       target=result.target.render() if result.target else None,
                        runs=runs if len(runs) > 1 else [])
     return Outcome(status="failed", kind=result.failure.kind.value, diagnostic=result.failure.message[:DIAGNOSTIC_CHARS],
                    params=result.params, macs=result.macs, peak_memory_bytes=result.peak_memory_bytes)

@@ -32,8 +32,9 @@ class Slot:
         context = ray.get_runtime_context()
         return {**self.evaluator.info, "node": context.get_node_id(), "ip": ray.util.get_node_ip_address()}
 
-    def evaluate(self, code: str, run: int) -> dict:
-        return self.evaluator.evaluate(code, run=run).model_dump(mode="json")
+    def evaluate(self, code: str, run: int) -> tuple[dict, bytes]:
+        result = self.evaluator.evaluate(code, run=run)
+        return result.model_dump(mode="json"), self.evaluator.last_graph
 
 
 class RayEvaluator:
@@ -41,6 +42,7 @@ class RayEvaluator:
 
     def __init__(self, actor, info: dict):
         self.actor, self.info = actor, info
+        self.last_graph = b""  # the target graph of the last valid candidate (see Evaluator.last_graph)
 
     @property
     def where(self) -> dict:
@@ -52,7 +54,8 @@ class RayEvaluator:
         deadline, lost = time.monotonic() + STARTUP_TIMEOUT_S, 0
         while True:
             try:
-                return EvalResult.model_validate(ray.get(self.actor.evaluate.remote(code, run)))
+                record, self.last_graph = ray.get(self.actor.evaluate.remote(code, run))
+                return EvalResult.model_validate(record)
             except ray.exceptions.ActorUnavailableError:
                 if time.monotonic() > deadline:
                     lost = RETRIES + 1
@@ -60,6 +63,7 @@ class RayEvaluator:
             except ray.exceptions.RayError:
                 lost += 1
             if lost > RETRIES:
+                self.last_graph = b""
                 return failed(FailureKind.crashed, f"the Ray evaluation worker was lost {lost} times measuring it",
                               device=self.info["device"], dataset=self.info["dataset"])
 

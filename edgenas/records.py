@@ -7,6 +7,7 @@ malformed or hostile reply is rejected at the border instead of travelling throu
 from __future__ import annotations
 
 from enum import Enum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -43,6 +44,28 @@ class Failure(Record):
     message: str = Field(max_length=4000)
 
 
+class TargetLatency(Record):
+    """Latency where the model will run (the `target` config section): onnxruntime on a device agent, or on this
+    machine. A measurement that could not be made yet is kept as `waiting`, with why, and made later."""
+
+    status: Literal["measured", "waiting", "failed"]  # failed: the target refused the model; it is not asked again
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    precision: Literal["fp32", "int8"] = "fp32"
+    threads: int = 1
+    batch: int = 1
+    agent: str = "local"  # the agent's URL, or local (onnxruntime in the trusted worker)
+    device: str = ""  # what measured it: CPU, cores, onnxruntime version
+    reason: str | None = None  # why it is not measured (yet)
+    attempts: int = 0
+
+    def render(self) -> str | None:
+        """For prompts and the terminal: the p50 with the settings that give it meaning (None while waiting)."""
+        if self.status == "measured":
+            return f"{self.p50_ms:.2f} ms on the target ({self.precision}, batch {self.batch}, {self.threads} thread(s))"
+        return f"not measurable on the target ({self.reason})" if self.status == "failed" else None
+
+
 class EvalResult(Record):
     """Everything the evaluator measured about one candidate.
 
@@ -66,6 +89,7 @@ class EvalResult(Record):
     train_images: int | None = None
     seed: int | None = None  # the training seed (initialisation and batch order)
     latency_ms: float | None = None  # onnxruntime, batch 1, eval.latency_threads threads, median
+    target: TargetLatency | None = None  # with a `target` section: latency on the deployment target
     artifact_sha256: str | None = None  # the trained graph that was measured
     device: str = "cpu"
     dataset: str = ""
@@ -104,6 +128,7 @@ class Outcome(Record):
     params: int | None = None
     macs: int | None = None
     peak_memory_bytes: int | None = None
+    target: str | None = None  # the target latency, rendered (TargetLatency.render), once measured
     kind: str | None = None  # failure kind (FailureKind values, or the search-level statuses)
     diagnostic: str | None = None
 
@@ -115,6 +140,7 @@ class Outcome(Record):
                 f"{self.params:,} params" if self.params is not None else "",
                 f"{self.macs / 1e6:.1f}M MACs" if self.macs is not None else "",
                 f"{self.peak_memory_bytes / 2**20:.0f} MiB train-step memory" if self.peak_memory_bytes else "",
+                self.target or "",
             ) if part)
             note = f"; {self.diagnostic}" if self.diagnostic else ""
             return f"valid: validation accuracy {self.val_accuracy:.2%}{seeds}{delta}; {size}{note}"

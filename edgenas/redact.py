@@ -6,6 +6,7 @@ secret value with `[redacted $NAME]`.
 
 Secrets are the values of
 - the variables named with `register(names)` (the config's `llm.*.api_key_env`), and
+- the values given to `register_value` (the device agent's token, read from target.token_file), and
 - every variable whose name has a word (split at `_`, `-`, `.`) ending in KEY, TOKEN, SECRET, PASSWORD, PASSWD,
   CREDENTIAL, AUTH, SESSION or COOKIE (an S may follow): OPENAI_API_KEY, HF_TOKEN, APIKEY, OAUTH_CLIENT.
   Whole words keep KEYBOARD, KEYRING, AUTHOR and XAUTHORITY out.
@@ -32,6 +33,7 @@ NOT_SECRETS = {"true", "false", "enabled", "disabled", "none", "null", "undefine
 
 _NAME = re.compile(rf"(?:^|[_.\-])[A-Z0-9]*(?:{'|'.join(NAME_WORDS)})S?(?:$|[_.\-])", re.IGNORECASE)
 _registered: list[str] = []
+_values: dict[str, str] = {}  # secrets that live in files, not the environment (target.token_file): label -> value
 _table: tuple[re.Pattern | None, dict[str, str]] | None = None  # (pattern, text form -> marker), built lazily
 
 
@@ -53,6 +55,10 @@ def _forms(value: str) -> set[str]:
 def _build() -> tuple[re.Pattern | None, dict[str, str]]:
     names = [*_registered, *sorted(n for n in os.environ if looks_secret(n))]  # registered names win a shared value
     markers: dict[str, str] = {}
+    for label, value in _values.items():
+        if _counts(value):
+            for form in _forms(value):
+                markers.setdefault(form, f"[redacted {label}]")
     for name in names:
         value = os.environ.get(name)
         if value and _counts(value):
@@ -75,6 +81,13 @@ def register(names: Iterable[str | None] = ()) -> None:
     """Treat these variables as secrets whatever their names, and re-read the environment."""
     global _table
     _registered.extend(n for n in names if n and n not in _registered)
+    _table = None
+
+
+def register_value(label: str, value: str) -> None:
+    """Treat a secret read from a file as one too; `label` names it in the marker (never the value)."""
+    _values[label] = value
+    global _table
     _table = None
 
 

@@ -8,7 +8,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from edgenas import loop, redact
+from edgenas import loop, redact, target
 from edgenas.archive import Archive
 from edgenas.config import Config, ConfigError, dump_config, load_config
 from edgenas.llm.base import Sampling
@@ -20,7 +20,8 @@ NVIDIA_GPUS = "/proc/driver/nvidia/gpus"  # one entry per GPU the driver sees: c
 # Keys that may change when a run is resumed: how long it goes on, never what a candidate is measured against.
 RESUMABLE = {"search.iterations", "search.max_wall_s", "search.patience", "search.target_accuracy",
              "search.max_llm_errors", "llm.cache", "llm.cache_dir", "search.workers", "search.executor", "ray.address",
-             "ray.cpus_per_worker", "ray.gpus_per_worker", "search.report_every"}
+             "ray.cpus_per_worker", "ray.gpus_per_worker", "search.report_every", "target.url", "target.token_file",
+             "target.timeout_s", "target.retry_s"}
 
 
 def _flat(data: dict, prefix: str = "") -> dict:
@@ -145,10 +146,42 @@ def start_evaluators(config: Config, stack: contextlib.ExitStack) -> list:
     return evaluators
 
 
+@contextlib.contextmanager
+def agents(config: Config, run_dir: Path, token: str | None, archive, console):
+    """The device agents' side of a session (None without target.url): what an earlier session left waiting is
+    queued first; at a normal end what still waits is measured, an interrupted session leaves it for the next."""
+    if token is None:
+        yield None
+        return
+    say = lambda text: console.print(text, highlight=False, markup=False)  # noqa: E731
+    for url in config.target.urls:
+        problem = target.health(url)
+        if problem:
+            say(f"warning: the device agent at {url} does not answer ({problem}); the search goes on and its "
+                f"candidates' target latency is measured when it does")
+    targets = target.Targets(config, run_dir, token)
+    waiting = targets.resume(archive)
+    if waiting:
+        say(f"{waiting} candidate(s) of earlier sessions wait for their target latency: queued")
+    try:
+        yield targets
+    except BaseException:
+        targets.close(drain=False)
+        raise
+    waiting = len(archive.waiting_for_target())
+    if waiting:
+        say(f"measuring the target latency of {waiting} candidate(s) still waiting")
+    left = targets.close(drain=True)
+    if left:
+        say(f"{left} candidate(s) still wait for their target latency (no agent answered): it is measured in the "
+            f"next session, or now with: edgenas targets {run_dir} --measure")
+
+
 def run_search(config: Config, run_dir: Path, resuming: bool, seed_program: str | None = None, console=None) -> dict:
     """Start the evaluators and the proposer, then open the run directory: a bad data path or model fails before
     anything is written, so no half-made run blocks the corrected command. `search.max_wall_s` counts every session."""
     redact.register([config.llm.generator.api_key_env, config.llm.improver.api_key_env])
+    token = target.read_token(config.target) if config.target and config.target.urls else None
     with contextlib.ExitStack() as stack:
         evaluators = start_evaluators(config, stack)
         proposer = make_proposer(config, task_of(config, evaluators[0].info), cache_path(config))
@@ -170,7 +203,9 @@ def run_search(config: Config, run_dir: Path, resuming: bool, seed_program: str 
 
                 seed = seed_program if not resuming else None
                 try:
-                    reason = loop.run(archive, proposer, evaluators, cfg, seed, on_iteration, parent_chooser(config))
+                    with agents(config, run_dir, token, archive, display.console) as targets:
+                        reason = loop.run(archive, proposer, evaluators, cfg, seed, on_iteration,
+                                          parent_chooser(config), targets)
                 finally:  # however the session ends, the page stops reloading
                     write_report(run_dir, live=False, console=display.console)
             if limit is not None and spent and reason.startswith("reached the wall-time limit"):

@@ -16,11 +16,14 @@ import os
 import signal
 import time
 
-from edgenas import referee
+import numpy as np
+
+from edgenas import referee, target
 from edgenas.config import BudgetConfig, Config
-from edgenas.records import FailureKind
+from edgenas.records import FailureKind, TargetLatency
 from edgenas.sandbox import jail, messages, wire
 from edgenas.sandbox.zygote import JailClient, Limits
+from exporters import bench
 
 
 def limits_of(config: Config, device: str = "cpu") -> Limits:
@@ -76,7 +79,9 @@ class TrustedWorker:
             os.sched_setaffinity(0, init["cpus"])
         val = load_data(self.config.dataset, parts=("val",)).val
         self.val_images, self.val_labels = val.images.numpy(), val.labels.numpy()
-        self.jail = JailClient("edgenas.sandbox.inside:ProxyJob", {"config": init["config"]}, limits_of(self.config))
+        # the jail never learns where the target is or where its token lies
+        jailed = {key: value for key, value in init["config"].items() if key != "target"}
+        self.jail = JailClient("edgenas.sandbox.inside:ProxyJob", {"config": jailed}, limits_of(self.config))
         self.info = self.jail.start()
         if self.info["device"] != "cpu":  # the memory cap of a CUDA job is its memory fraction, set inside
             self.jail.limits = limits_of(self.config, self.info["device"])
@@ -162,7 +167,14 @@ class TrustedWorker:
         if problem:
             return self._failed(out, *problem, stage="validate"), b""
         out["artifact_sha256"] = hashlib.sha256(state["graph"]).hexdigest()
-        return {**out, "status": "ok", "stage": "latency"}, state["graph"]
+        if self.config.target is None or run > 0:  # a re-run checks the accuracy; its latency is the first run's
+            return {**out, "status": "ok", "stage": "latency"}, b""
+        graph = self._target(out)
+        budget_ms = self.config.budget.max_target_latency_ms
+        over = target.over_budget(TargetLatency.model_validate(out["target"]), budget_ms)
+        if over:
+            return self._failed(out, FailureKind.budget, over, stage="target"), b""
+        return {**out, "status": "ok", "stage": "target"}, graph
 
     def _measure(self, graph: bytes, out: dict) -> tuple[FailureKind, str] | None:
         """Params, MACs and the training-memory estimate from a graph, then the budgets."""
@@ -174,6 +186,7 @@ class TrustedWorker:
             return FailureKind.timeout, str(e)
         except referee.GraphError as e:
             return FailureKind.export, str(e)
+        self._model = model  # the checked graph: what a target is sent
         out.update(params=stats.params, weight_bytes=stats.weight_bytes, macs=stats.macs,
                    macs_uncounted_ops=dict(stats.macs_uncounted_ops),
                    peak_memory_bytes=stats.training_memory_bytes(self.config.train.batch_size))
@@ -201,6 +214,39 @@ class TrustedWorker:
         except referee.GraphError as e:
             return FailureKind.nan if "NaN" in str(e) else FailureKind.export, str(e)
         return None
+
+    def _target(self, out: dict) -> bytes:
+        """The graph for the deployment target: the referee's checked copy of the trained graph, INT8 when asked
+        (calibrated on validation images: only its speed counts, never its accuracy). Measured here without
+        target.url; otherwise returned, and the host sends it to an agent while the next candidate trains."""
+        t = self.config.target
+        settings = {"precision": t.precision, "threads": t.threads, "batch": t.batch}
+        graph = self._model.SerializeToString()
+        start = time.perf_counter()
+        try:
+            if t.precision == "int8":
+                from exporters import quantize  # onnxruntime's quantiser: imported by the runs that use it
+
+                graph = quantize.quantize_int8_bytes(graph, referee.normalize(
+                    self.val_images[:t.calibration_images], self.mean, self.std))
+                out["stage_seconds"]["quantize"] = round(time.perf_counter() - start, 4)
+                start = time.perf_counter()
+            if t.urls:
+                out["target"] = {"status": "waiting", "reason": "not sent to the agent yet", **settings}
+                return graph
+            images = referee.normalize(np.resize(self.val_images[:t.batch], (t.batch, *self.val_images.shape[1:])),
+                                       self.mean, self.std)
+            session = bench.session(graph, t.threads)
+            times = bench.timed_runs(session, {session.get_inputs()[0].name: images}, t.runs, t.warmup,
+                                     deadline=time.monotonic() + self.config.eval.timeout_s)
+            out["target"] = {"status": "measured", "p50_ms": round(float(np.percentile(times, 50)), 4),
+                             "p90_ms": round(float(np.percentile(times, 90)), 4),
+                             "device": target.device_line(bench.device()), **settings}
+        except Exception as e:  # noqa: BLE001 - quantisation or onnxruntime: the model does not run there as asked
+            out["target"] = {"status": "failed", "reason": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
+                             **settings}
+        out["stage_seconds"]["target"] = round(time.perf_counter() - start, 4)
+        return b""
 
     @staticmethod
     def _failed(out: dict, kind: FailureKind, message: str, stage: str | None) -> dict:

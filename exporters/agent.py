@@ -19,15 +19,12 @@ from __future__ import annotations
 import argparse
 import hmac
 import json
-import platform
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-import onnxruntime as ort
-
-from exporters.bench import available_cores, bench, cpu_model
+from exporters.bench import bench, device
 
 LIMITS = {"threads": (1, 256), "batch": (1, 4096), "runs": (1, 100_000), "warmup": (0, 10_000)}
 DEFAULTS = {"threads": 1, "batch": 1, "runs": 100, "warmup": 10}
@@ -37,12 +34,6 @@ class Refused(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-
-
-def device() -> dict:
-    """What the numbers were measured on."""
-    return {"cpu": cpu_model(), "cores": available_cores(), "machine": platform.machine(),
-            "system": platform.platform(), "onnxruntime": ort.__version__, "providers": ort.get_available_providers()}
 
 
 def settings(query: str) -> dict:

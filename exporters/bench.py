@@ -39,6 +39,12 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def device() -> dict:
+    """What latency numbers are measured on."""
+    return {"cpu": cpu_model(), "cores": available_cores(), "machine": platform.machine(),
+            "system": platform.platform(), "onnxruntime": ort.__version__, "providers": ort.get_available_providers()}
+
+
 def session(model: str | os.PathLike | bytes, threads: int, optimize: bool = True) -> ort.InferenceSession:
     """CPU session with every graph optimisation (or none) and a fixed intra-op thread count (0 would mean ORT's
     guess). A model given as bytes is read from no path."""

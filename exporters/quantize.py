@@ -74,6 +74,14 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, calibration_imag
     return int8_path
 
 
+def quantize_int8_bytes(fp32: bytes, calibration_images, batch_size: int = 16) -> bytes:
+    """quantize_int8 for a model held in memory (the search's target graphs); files only in a private temp dir."""
+    with tempfile.TemporaryDirectory(prefix="edgenas-quant-") as tmp:
+        source = Path(tmp) / "fp32.onnx"
+        source.write_bytes(fp32)
+        return quantize_int8(source, Path(tmp) / "int8.onnx", calibration_images, batch_size).read_bytes()
+
+
 def compact(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shrink a quantised model in place: identical initializers shared, internal names shortened, node names,
     shape hints, metadata and unused opset imports dropped, all-zero int32 bias zero points removed (0 is the

@@ -282,6 +282,8 @@ def test_search_loop_driven_by_the_in_process_model(tiny_model, tmp_path):
     from edgenas.records import EvalResult, Status
 
     class Evaluator:
+        last_graph = b""
+
         def evaluate(self, code):
             return EvalResult(status=Status.ok, val_accuracy=0.5, params=10, macs=10, peak_memory_bytes=10)
 

@@ -48,6 +48,7 @@ class ScriptedChat:
 class FakeEvaluator:
     """Accuracy read from the program's `ACC =` line (run k > 0: from `RERUNS` when given); programs tagged 'fail' fail with a
     shape error."""
+    last_graph = b""
 
     def __init__(self):
         self.calls = []

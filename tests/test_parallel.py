@@ -61,6 +61,8 @@ class SlowChat:
 
 
 class SlowEvaluator:
+    last_graph = b""
+
     def __init__(self, shared: Gauge):
         self.shared, self.mine = shared, Gauge()
 
@@ -166,6 +168,7 @@ search: {{iterations: 10, chains: 2, workers: 2, history_size: 3}}
 
 class SizedEvaluator:
     """Accuracy from `ACC =`, parameter count from `TAG =`: a small model can be on the front though less accurate."""
+    last_graph = b""
 
     def evaluate(self, code, run=0):
         acc = float(re.search(r"ACC = ([\d.]+)", code).group(1))
