@@ -16,9 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
-from common import RESULTS_DIR, machine_info, spearman, table
+from common import RESULTS_DIR, machine_info, table
 
 from edgenas.archive import Archive
+from edgenas.history import spearman
 
 
 def finalized_rows(run_dir: Path) -> list[dict]:

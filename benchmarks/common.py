@@ -20,8 +20,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -100,22 +98,6 @@ def summary(values: list[float]) -> dict:
     return {"n": len(values), "median": med, "min": min(values), "max": max(values),
             "spread": max(values) - min(values), "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
             "values": values}
-
-
-def ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks with ties averaged, as Spearman's coefficient needs."""
-    order = values.argsort(kind="stable")
-    out = np.empty(len(values))
-    out[order] = np.arange(len(values))
-    for value in np.unique(values):
-        tied = values == value
-        out[tied] = out[tied].mean()
-    return out
-
-
-def spearman(x, y) -> float:
-    rx, ry = ranks(np.asarray(x, float)), ranks(np.asarray(y, float))
-    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def fmt(stats: dict, unit: str = " s", digits: int = 2) -> str:

@@ -22,11 +22,12 @@ import statistics
 import time
 from pathlib import Path
 
-from common import REFERENCE_CNN, finish, machine_info, make_config, parser, spearman, table
+from common import REFERENCE_CNN, finish, machine_info, make_config, parser, table
 from export_latency import RESNET8
 
 from edgenas.archive import Archive
 from edgenas.evaluate import Evaluator
+from edgenas.history import spearman
 
 
 def pick(run_dir: Path, n: int) -> list[tuple[str, str]]:

@@ -294,6 +294,52 @@ def finalize(run_dir, top, ids, epochs, seeds, overrides, timeout_s, as_json):
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--measure", is_flag=True, help="First send what waits for its target latency to the agents (not "
+              "while a search runs on RUN_DIR).")
+@click.option("--url", "urls", multiple=True, help="With --measure: the agent(s) to use instead of the run's target.url.")
+@click.option("--token-file", help="With --measure: the agent's token file instead of the run's target.token_file.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def targets(run_dir, measure, urls, token_file, as_json):
+    """How well MACs, parameters and this machine's latency rank the candidates as the target latency does
+    (Spearman): what to trust when no device is attached."""
+    from edgenas import history
+    from edgenas.config import ConfigError
+
+    _open_archive(run_dir).close()
+    config = _config(f"{run_dir}/config.yaml", [])
+    if config.target is None:
+        raise UsageError(f"{run_dir} was searched without a `target` section: it has no target latency to compare with")
+    if measure:
+        update = {k: v for k, v in (("url", list(urls) or None), ("token_file", token_file)) if v}
+        try:
+            config = config.model_copy(update={"target": config.target.model_validate(
+                {**config.target.model_dump(), **update})})
+            if not config.target.urls:
+                raise ConfigError("--measure needs a device agent (the run measured on this machine; give --url)")
+            from edgenas.target import measure_waiting
+
+            queued, left = measure_waiting(config, run_dir)
+        except (ConfigError, ValueError) as e:
+            raise UsageError(str(e).splitlines()[0]) from None
+        _echo(f"measured {queued - left} of {queued} waiting candidate(s)" + (
+            f"; {left} still wait (no agent answered)" if left else ""), err=True)
+    archive = _open_archive(run_dir)
+    candidates = archive.all()
+    archive.close()
+    states = [c.result.target.status for c in candidates if c.result and c.result.target]
+    summary = {state: states.count(state) for state in ("measured", "waiting", "failed")}
+    rows = history.proxy_agreement(candidates)
+    if as_json:
+        _echo(json.dumps({"candidates": summary, "agreement": rows}))
+        return
+    _echo(f"target latency: {summary['measured']} measured, {summary['waiting']} waiting, {summary['failed']} failed")
+    for row in rows:
+        rho = "-" if row["spearman"] is None else f"{row['spearman']:+.3f}"
+        _echo(f"  Spearman {rho}  {row['label']} vs target latency (n={row['n']})")
+
+
+@main.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads (default: all cores).")
 @click.option("--runs", default=200, show_default=True, type=click.IntRange(min=1))

@@ -10,6 +10,8 @@ import difflib
 import re
 from collections import Counter
 
+import numpy as np
+
 from edgenas.records import Candidate
 
 
@@ -108,3 +110,39 @@ def cost(candidates: list[Candidate]) -> dict:
     per_improvement = {f"{k}_per_improvement": v / total["improvements"] if total["improvements"] else None
                        for k, v in total.items() if k in ("llm_calls", "tokens_in", "tokens_out", "llm_seconds", "eval_seconds")}
     return {**total, **per, **per_improvement}
+
+
+def ranks(values) -> np.ndarray:
+    """Ranks with ties averaged, as Spearman's coefficient needs."""
+    values = np.asarray(values, float)
+    order = values.argsort(kind="stable")
+    out = np.empty(len(values))
+    out[order] = np.arange(len(values))
+    for value in np.unique(values):
+        tied = values == value
+        out[tied] = out[tied].mean()
+    return out
+
+
+def spearman(x, y) -> float | None:
+    """Spearman's rank correlation; None for fewer than 3 pairs or a constant side (no ranking to agree with)."""
+    rx, ry = ranks(x), ranks(y)
+    if len(rx) < 3 or rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+PROXIES = {"macs": "MACs", "params": "parameters", "latency_ms": "this machine's latency (onnxruntime, batch 1)"}
+
+
+def proxy_agreement(candidates: list[Candidate]) -> list[dict]:
+    """How well each cost measured without the device ranks candidates as the target latency does (Spearman over
+    the candidates measured on the target, over-budget ones included): what to trust when no device is attached."""
+    measured = [c for c in candidates if c.result and c.result.target and c.result.target.status == "measured"]
+    rows = []
+    for name, label in PROXIES.items():
+        pairs = [(getattr(c.result, name), c.result.target.p50_ms) for c in measured
+                 if getattr(c.result, name) is not None]
+        rho = spearman(*zip(*pairs, strict=True)) if pairs else None
+        rows.append({"proxy": name, "label": label, "n": len(pairs), "spearman": rho})
+    return rows

@@ -22,7 +22,8 @@ from edgenas.archive import Archive
 from edgenas.config import Config, load_config
 from edgenas.records import Candidate
 
-AXES = {"params": ("max_params", "parameters"), "macs": ("max_macs", "MACs per image"),
+AXES = {"target_latency_ms": ("max_target_latency_ms", "target latency (ms, p50)"),
+        "params": ("max_params", "parameters"), "macs": ("max_macs", "MACs per image"),
         "peak_memory_bytes": ("max_memory_mb", "train-step memory (bytes)"), "latency_ms": (None, "latency (ms, batch 1)")}
 RELOAD_S = 30
 
@@ -77,7 +78,7 @@ def _hover(c: Candidate, label: str) -> str:
     if r is not None:
         parts += [f"{r.params:,} params" if r.params else "", f"{r.macs / 1e6:.1f}M MACs" if r.macs else "",
                   f"{r.peak_memory_bytes / 2**20:.0f} MiB" if r.peak_memory_bytes else "",
-                  f"{r.latency_ms:.3f} ms" if r.latency_ms else ""]
+                  f"{r.latency_ms:.3f} ms" if r.latency_ms else "", r.target.render() or "" if r.target else ""]
     parts.append(html.escape(c.modification[:120], quote=False))  # plotly decodes no &quot;
     return "<br>".join(p for p in parts if p)
 
@@ -123,7 +124,7 @@ def failures_figure(run: Run) -> go.Figure:
 
 def pareto_figure(runs: list[Run]) -> go.Figure:
     """Accuracy against one cost at a time (buttons switch it), the feasible front drawn, the budget as a line."""
-    fig, axes = go.Figure(), [a for a in AXES if any(c.result and getattr(c.result, a) for r in runs for c in r.candidates)]
+    fig, axes = go.Figure(), [a for a in AXES if any(c.result and pareto.cost(c, a) for r in runs for c in r.candidates)]
     axes = axes or ["params"]
     traces = []  # (field values per axis) per trace
     for run in runs:
@@ -131,8 +132,8 @@ def pareto_figure(runs: list[Run]) -> go.Figure:
         valid = [c for c in run.candidates if c.iteration in points]
         for on_front in (False, True):
             chosen = [c for c in valid if (points[c.iteration].front == 0 and points[c.iteration].feasible) == on_front]
-            chosen.sort(key=lambda c: getattr(c.result, axes[0]) or 0)
-            traces.append({a: [getattr(c.result, a) for c in chosen] for a in axes})
+            chosen.sort(key=lambda c: pareto.cost(c, axes[0]) or 0)
+            traces.append({a: [pareto.cost(c, a) for c in chosen] for a in axes})
             fig.add_scatter(x=traces[-1][axes[0]], y=[100 * c.val_accuracy for c in chosen],
                             mode="lines+markers" if on_front else "markers", marker_size=9 if on_front else 6,
                             name=f"{run.label} {'front' if on_front else 'valid'}",
@@ -177,12 +178,21 @@ def run_sections(run: Run) -> str:
         [e(c["name"]), f"{c['params']:,}", _pct(c["test_accuracy"]["mean"]), _pct(c["test_accuracy"]["int8_mean"]),
          f"{c['file_bytes']['fp32']:,} B", f"{c['file_bytes']['int8']:,} B",
          f"{c['latency_ms'].get('onnxruntime_int8_threads_1', {}).get('p50_ms', float('nan')):.3f}"] for c in run.cards])
+    targets = [c.result.target for c in run.candidates if c.result and c.result.target]
+    devices = sorted({t.device for t in targets if t.device})
+    agreement = _table(["cost measured without the device", "Spearman with the target latency", "candidates"], [
+        [e(a["label"]), "-" if a["spearman"] is None else f"{a['spearman']:+.3f}", a["n"]]
+        for a in history.proxy_agreement(run.candidates)])
+    target = (f"<p>{sum(t.status == 'measured' for t in targets)} measured, {sum(t.status == 'waiting' for t in targets)} "
+              f"waiting, {sum(t.status == 'failed' for t in targets)} failed; on {e('; '.join(devices) or '-')}</p>"
+              + agreement) if targets else ""
     machine = next((ev.get("environment") for ev in run.events if ev.get("event") == "start"), None)
     return "".join([
         f"<h2>{e(run.label)}</h2>",
         "<h3>Lineage of the best</h3>", lineage if steps else "<p>no valid candidate yet</p>",
         "<h3>Most frequent failures</h3>", diagnostics,
         "<h3>Cost</h3>", _table(["", "value"], cost_rows),
+        *(["<h3>Target latency</h3>", target] if target else []),
         "<h3>Finalized models</h3>", cards if run.cards else "<p>none yet (edgenas finalize)</p>",
         f"<details><summary>Config as run</summary><pre>{e(yaml.safe_dump(run.config.model_dump(mode='json'), sort_keys=False))}</pre></details>",
         f"<details><summary>Machine and versions</summary><pre>{e(json.dumps(machine, indent=1)) if machine else 'not recorded'}</pre></details>",

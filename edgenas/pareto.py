@@ -146,7 +146,15 @@ def select(objectives: np.ndarray, k: int, violation: np.ndarray | None = None) 
 
 # --- the archive layer ---
 
-_OBJECTIVES = ("params", "macs", "peak_memory_bytes", "latency_ms")  # minimised, after -val_accuracy
+_OBJECTIVES = ("params", "macs", "peak_memory_bytes", "latency_ms", "target_latency_ms")  # minimised, after -accuracy
+
+
+def cost(candidate: Candidate, name: str) -> float | None:
+    """One of _OBJECTIVES of a measured candidate (the target latency is its p50 once measured)."""
+    if name == "target_latency_ms":
+        target = candidate.result.target
+        return target.p50_ms if target is not None and target.status == "measured" else None
+    return getattr(candidate.result, name)
 
 
 @dataclass(frozen=True)
@@ -159,6 +167,7 @@ class Point:
     macs: int | None
     peak_memory_bytes: int | None
     latency_ms: float | None
+    target_latency_ms: float | None  # p50 on the deployment target (the `target` section)
     violation: float  # total relative excess over the budget; 0 means it fits
     front: int  # Pareto front within its group (feasible or infeasible), 0 best
     crowding: float  # crowding distance within its front; inf at the front's ends
@@ -171,26 +180,33 @@ def _measure(candidates: Sequence[Candidate], budget: BudgetConfig) -> tuple[lis
     A cost no valid candidate lacks becomes an objective; one missing anywhere (say latency that was
     not measured) is left out for all, so no candidate wins or loses by a measurement it never had.
     A missing value under a budget limit counts as over it (see violation()). A candidate that failed when re-run
-    with another seed (search.confirm_margin) trains unreliably and is left out.
+    with another seed (search.confirm_margin) trains unreliably and is left out. In a run with a target, latency
+    means the target's: only candidates measured there are placed (the others are waiting for an agent, or the
+    target could not run them), and this machine's latency is no objective.
     """
     valid = [c for c in candidates if c.status == "ok" and c.val_accuracy is not None and all(r.ok for r in c.reruns)]
+    targeted = any(c.result.target is not None for c in valid)
+    if targeted:
+        valid = [c for c in valid if cost(c, "target_latency_ms") is not None]
     columns = [[-c.val_accuracy for c in valid]]
     for name in _OBJECTIVES:
-        column = [getattr(c.result, name) for c in valid]
-        if all(value is not None for value in column):
+        column = [cost(c, name) for c in valid]
+        if all(value is not None for value in column) and not (targeted and name == "latency_ms"):
             columns.append(column)
     objectives = np.array(columns, dtype=float).T.reshape(len(valid), len(columns))
-    values = np.array([[np.nan if v is None else v for v in (c.result.params, c.result.macs, c.result.peak_memory_bytes)]
-                       for c in valid], dtype=float).reshape(len(valid), 3)
+    limited = ("params", "macs", "peak_memory_bytes", "target_latency_ms")
+    values = np.array([[np.nan if v is None else v for v in (cost(c, name) for name in limited)] for c in valid],
+                      dtype=float).reshape(len(valid), len(limited))
     memory = None if budget.max_memory_mb is None else budget.max_memory_mb * 2**20
-    return valid, objectives, violation(values, (budget.max_params, budget.max_macs, memory))
+    target = budget.max_target_latency_ms
+    return valid, objectives, violation(values, (budget.max_params, budget.max_macs, memory, target))
 
 
 def _points(valid: list[Candidate], objectives: np.ndarray, violations: np.ndarray) -> list[Point]:
     feasible, front, crowding = _layout(objectives, violations)
     return [Point(iteration=c.iteration, val_accuracy=c.val_accuracy, params=c.result.params, macs=c.result.macs,
                   peak_memory_bytes=c.result.peak_memory_bytes, latency_ms=c.result.latency_ms,
-                  violation=float(violations[i]), front=int(front[i]), crowding=float(crowding[i]),
+                  target_latency_ms=cost(c, "target_latency_ms"), violation=float(violations[i]), front=int(front[i]), crowding=float(crowding[i]),
                   feasible=bool(feasible[i]))
             for i, c in enumerate(valid)]
 
@@ -198,7 +214,7 @@ def _points(valid: list[Candidate], objectives: np.ndarray, violations: np.ndarr
 def front_of(candidates: Sequence[Candidate], budget: BudgetConfig) -> list[Point]:
     """Every valid candidate as a Point: feasible first, then by front, then most accurate first.
 
-    Objectives are (-val_accuracy, params, macs, peak_memory_bytes, latency_ms), all minimised;
+    Objectives are (-val_accuracy, params, macs, peak_memory_bytes, latency_ms or target_latency_ms), all minimised;
     failed candidates and those without an accuracy are ignored.
     """
     points = _points(*_measure(candidates, budget))

@@ -79,7 +79,9 @@ def make_proposer(config: Config, task: Task, cache_path: str | None):
 def task_of(config: Config, info: dict) -> Task:
     t = config.train
     proxy = f"{t.epochs:g} epoch(s) of SGD, lr {t.lr:g}, momentum {t.momentum:g}, batch {t.batch_size}"
-    return Task(info["dataset"], info["num_classes"], tuple(info["in_shape"]), config.budget, proxy)
+    target = config.target
+    on_target = f"{target.precision}, batch {target.batch}, {target.threads} thread(s)" if target else ""
+    return Task(info["dataset"], info["num_classes"], tuple(info["in_shape"]), config.budget, proxy, on_target)
 
 
 def cache_path(config: Config) -> str | None:

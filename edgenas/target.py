@@ -241,3 +241,18 @@ class Targets:
                     self.stopping = self.stopping or self.draining  # the agent is down: what waits, waits for later
         finally:
             archive.close()
+
+
+def measure_waiting(config: Config, run_dir: str | Path) -> tuple[int, int]:
+    """Send what a run left waiting to the agents of config.target now -> (queued, still waiting). Writes the
+    archive: not while a search runs on the same directory."""
+    from edgenas.archive import Archive
+
+    token = read_token(config.target)
+    archive = Archive(run_dir)
+    try:
+        targets = Targets(config, run_dir, token)
+        queued = targets.resume(archive)
+        return queued, targets.close(drain=True)
+    finally:
+        archive.close()

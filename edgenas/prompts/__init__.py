@@ -19,12 +19,15 @@ class Task:
     in_shape: tuple[int, int, int]
     budget: BudgetConfig
     proxy: str  # e.g. "1 epoch of SGD, lr 0.01, batch 128"
+    target: str = ""  # how the target latency is measured, e.g. "int8, batch 1, 1 thread(s)"
 
     def fields(self) -> dict:
         b = self.budget
         limits = [f"at most {b.max_params:,} parameters" if b.max_params else "",
                   f"at most {b.max_macs:,} MACs per image" if b.max_macs else "",
-                  f"at most {b.max_memory_mb:g} MiB of memory for one training step" if b.max_memory_mb else ""]
+                  f"at most {b.max_memory_mb:g} MiB of memory for one training step" if b.max_memory_mb else "",
+                  f"at most {b.max_target_latency_ms:g} ms median latency on the target device ({self.target})"
+                  if b.max_target_latency_ms else ""]
         return {"dataset": self.dataset, "num_classes": self.num_classes,
                 "in_shape": "x".join(map(str, self.in_shape)), "in_shape_tuple": str(tuple(self.in_shape)),
                 "in_shape_dims": ", ".join(map(str, self.in_shape)), "proxy": self.proxy,
