@@ -155,7 +155,7 @@ def agents(config: Config, run_dir: Path, token: str | None, archive, console):
     if token is None:
         yield None
         return
-    say = lambda text: console.print(text, highlight=False, markup=False)  # noqa: E731
+    say = lambda text: console.print(text, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
     for url in config.target.urls:
         problem = target.health(url)
         if problem:

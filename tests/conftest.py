@@ -89,6 +89,20 @@ def write_cifar100(root: Path, n_train: int = 300, n_test: int = 100) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def device_python(tmp_path_factory):
+    """A fresh virtual environment with only what the README's device instructions install (onnxruntime and
+    numpy, no torch): where the device agent runs in the tests, as on a target."""
+    import subprocess
+
+    env = tmp_path_factory.mktemp("device-env")
+    subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+    subprocess.run([str(env / "bin" / "pip"), "install", "-q", "onnxruntime", "numpy"], check=True, timeout=600)
+    python = str(env / "bin" / "python")
+    assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0  # really without
+    return python
+
+
 @pytest.fixture()
 def listener():
     """A TCP server on loopback that records connections: (port, hits). Sandbox tests assert none arrive."""

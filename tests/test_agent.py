@@ -5,7 +5,6 @@ error while staying up."""
 import http.client
 import json
 import subprocess
-import sys
 import threading
 
 import pytest
@@ -13,17 +12,6 @@ import pytest
 from .conftest import ROOT
 
 TOKEN = "0123456789abcdef0123456789abcdef"
-
-
-@pytest.fixture(scope="module")
-def device_python(tmp_path_factory):
-    """A fresh virtual environment with only what the README's device instructions install."""
-    env = tmp_path_factory.mktemp("device-env")
-    subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
-    subprocess.run([str(env / "bin" / "pip"), "install", "-q", "onnxruntime", "numpy"], check=True, timeout=600)
-    python = str(env / "bin" / "python")
-    assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0  # really without
-    return python
 
 
 @pytest.fixture(scope="module")

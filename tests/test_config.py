@@ -22,6 +22,10 @@ def test_overrides_are_typed(tmp_path):
     ("train.batch_size=big", "config key 'train.batch_size'"),
     ("dataset.name=mnist", "config key 'dataset.name'"),
     ("nonsense", "--set expects key=value"),
+    ("budget.max_target_latency_ms=5", "budget.max_target_latency_ms needs a `target` section"),
+    ("target.url=http://127.0.0.1:8765", "target.url needs target.token_file"),
+    ("target.url=127.0.0.1:8765", "target.url must start with http:// or https://"),
+    ("target.precision=int4", "config key 'target.precision'"),
 ])
 def test_bad_keys_are_one_line_errors_naming_the_key(override, words):
     with pytest.raises(ConfigError) as info:

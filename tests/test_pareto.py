@@ -201,7 +201,7 @@ def test_to_rows_is_strict_json(archive):
     text = json.dumps(rows, allow_nan=False)
     first = json.loads(text)[0]
     assert first["iteration"] == 1 and first["crowding"] is None and first["feasible"] is True
-    assert set(first) == {"iteration", "val_accuracy", "params", "macs", "peak_memory_bytes", "latency_ms",
+    assert set(first) == {"iteration", "val_accuracy", "params", "macs", "peak_memory_bytes", "latency_ms", "target_latency_ms",
                           "violation", "front", "crowding", "feasible"}
 
 

@@ -92,6 +92,8 @@ CREATE INDEX candidates_hash ON candidates (code_hash);
     assert shown.returncode == 0, shown.stderr
     assert [r["val_accuracy"] for r in json.loads(shown.stdout)] == [0.3, 0.5, 0.4] and version() == "2"
     archive = Archive(run)
-    assert version() == "3" and archive.best().iteration == 1 and [c.iteration for c in archive.recent(2, chain=0)] == [1, 2]
+    columns = [row[1] for row in sqlite3.connect(run / "archive.sqlite").execute("PRAGMA table_info(candidates)")]
+    assert version() == "4" and columns[-2:] == ["chain", "target_latency_ms"]
+    assert archive.best().iteration == 1 and [c.iteration for c in archive.recent(2, chain=0)] == [1, 2]
     archive.add(Candidate(iteration=3, status="failed", outcome=Outcome(status="failed")))
     assert archive.next_iteration() == 4 and archive.proposals(0) == 4
