@@ -93,6 +93,8 @@ class TrustedWorker:
         # (a soft limit: a jail zygote started from here later lifts it for itself)
         self.memory_bytes = self.config.eval.memory_limit_mb << 20
         jail.cap_address_space(self.memory_bytes + referee.SCORE_CAP_BYTES, soft_only=True)
+        if self.config.target is not None and self.config.target.precision == "int8":
+            import exporters.quantize  # noqa: F401 - onnxruntime's quantiser loads now, not during the first candidate
 
     def describe(self) -> dict:
         return {**self.info, "val_images": len(self.val_labels)}
@@ -226,7 +228,7 @@ class TrustedWorker:
         start = time.perf_counter()
         try:
             if t.precision == "int8":
-                from exporters import quantize  # onnxruntime's quantiser: imported by the runs that use it
+                from exporters import quantize
 
                 graph = quantize.quantize_int8_bytes(graph, referee.normalize(
                     self.val_images[:t.calibration_images], self.mean, self.std))
