@@ -24,6 +24,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data" / "cifar10-jpeg"
+# the evaluation workers are child processes started in /tmp: they must import the tree being measured (a clean
+# worktree of the commit a result records), not whichever checkout pip installed in editable mode
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 # ---------------------------------------------------------------- the reference candidate
 

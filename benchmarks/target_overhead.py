@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, finish, machine_info, make_config, parser, summary, table
+from common import REPO, finish, fmt, machine_info, make_config, parser, summary, table
 from parallel_search import responder
 
 sys.path.insert(0, str(REPO))
@@ -68,15 +68,19 @@ def search(config, run: Path) -> dict:
     end = time.time()
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     start = next(e["time"] for e in events if e["event"] == "start")
+    written = {e["iteration"]: e["time"] for e in events if e["event"] == "candidate"}
+    arrived = [e["time"] - written[e["iteration"]] for e in events if e["event"] == "target" and e["status"] == "measured"]
     archive = Archive(run)
     candidates = archive.all()
     archive.close()
-    return {"per_iteration_s": (end - start) / len(candidates), "candidates": candidates}
+    quantize = [c.result.stage_seconds["quantize"] for c in candidates if c.result and "quantize" in c.result.stage_seconds]
+    return {"per_iteration_s": (end - start) / len(candidates), "candidates": candidates, "arrived_s": arrived,
+            "quantize_s": quantize}
 
 
 def main() -> None:
-    p = parser(__doc__, train_subset=4000, val_size=1000, repeats=2, warmup=0)
-    p.add_argument("--iterations", type=int, default=10, help="iterations per arm and round")
+    p = parser(__doc__, train_subset=4000, val_size=1000, repeats=3, warmup=0)
+    p.add_argument("--iterations", type=int, default=16, help="iterations per arm and round")
     p.add_argument("--spearman-iterations", type=int, default=30, help="iterations of the mutate run (0: skip)")
     args = p.parse_args()
     machine = machine_info()
@@ -86,6 +90,8 @@ def main() -> None:
     config = make_config(args)
     times = {arm: [] for arm in ARMS}
     measured = {arm: [] for arm in ARMS}
+    arrived = {arm: [] for arm in ARMS}  # seconds from a row's writing to its target latency's
+    quantize = {arm: [] for arm in ARMS}  # seconds of INT8 quantisation per candidate, in series in the worker
     with tempfile.TemporaryDirectory() as tmp, FakeOpenAI(responder(0.0, 0.0)) as fake:
         token_file = Path(tmp) / "token"
         token_file.write_text(secrets.token_hex())
@@ -101,6 +107,8 @@ def main() -> None:
                     fake.responder = responder(0.0, 0.0)  # the same programs, in the same order, in every arm
                     out = search(with_target(config, setting, url, token_file), Path(tmp) / f"{arm}-{round_}")
                     times[arm].append(out["per_iteration_s"])
+                    arrived[arm] += out["arrived_s"]
+                    quantize[arm] += out["quantize_s"]
                     measured[arm].append(sum(1 for c in out["candidates"] if c.result and c.result.target
                                              and c.result.target.status == "measured"))
                     print(f"round {round_} {arm}: {out['per_iteration_s']:.2f} s per iteration", flush=True)
@@ -116,14 +124,16 @@ def main() -> None:
         finally:
             agent.kill()
     base = summary(times["none"])["median"]
-    rows = {arm: {**summary(values), "ratio": summary(values)["median"] / base, "target_measured": measured[arm]}
+    rows = {arm: {**summary(values), "ratio": summary(values)["median"] / base, "target_measured": measured[arm],
+                  "arrived_s": summary(arrived[arm]), "quantize_s": summary(quantize[arm])}
             for arm, values in times.items()}
     passed = all(rows[arm]["ratio"] <= 1.05 for arm in ("agent fp32", "agent int8"))
     tables = [table(f"seconds per iteration, {args.iterations} iterations x {args.repeats} rounds per arm, training on "
                     f"{args.train_subset:,} CIFAR-10 images (search on core {search_core}, agent on core {agent_core})",
-                    ["arm", "median s/it", "min", "max", "x baseline", "target latencies measured"],
+                    ["arm", "median s/it", "min", "max", "x baseline", "measured", "latency in after", "int8 s"],
                     [[arm, f"{r['median']:.2f}", f"{r['min']:.2f}", f"{r['max']:.2f}", f"{r['ratio']:.3f}",
-                      "/".join(map(str, r["target_measured"]))] for arm, r in rows.items()])]
+                      "/".join(map(str, r["target_measured"])), fmt(r["arrived_s"]), fmt(r["quantize_s"], digits=3)]
+                     for arm, r in rows.items()])]
     if spearman:
         tables.append(table(f"Spearman with the agent's int8 latency over {spearman['valid']} valid candidates of a "
                             f"{spearman['iterations']}-iteration mutate search",

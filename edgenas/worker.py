@@ -235,7 +235,8 @@ class TrustedWorker:
                 out["stage_seconds"]["quantize"] = round(time.perf_counter() - start, 4)
                 start = time.perf_counter()
             if t.urls:
-                out["target"] = {"status": "waiting", "reason": "not sent to the agent yet", **settings}
+                out["target"] = {"status": "waiting", "reason": "not sent to the agent yet", "agent": ", ".join(t.urls),
+                                 **settings}
                 return graph
             images = referee.normalize(np.resize(self.val_images[:t.batch], (t.batch, *self.val_images.shape[1:])),
                                        self.mean, self.std)
