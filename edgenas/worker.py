@@ -6,7 +6,9 @@
 The job hands back ONNX graphs; every number in the record (params, MACs, memory, validation accuracy and loss,
 latency) is computed here by edgenas/referee.py, on data the job never had. What the job says about itself is
 validated (edgenas/sandbox/messages.py) and used only for diagnostics. The budgets are checked on the untrained
-graph while the job goes on training, and the job is stopped as soon as one is exceeded.
+graph while the job goes on training, and the job is stopped as soon as one is exceeded. With a `target` section the
+checked trained graph (INT8 when asked) is measured here with the target's settings, or handed back for the host to
+send to a device agent (edgenas/target.py); the jail is never told about the target.
 """
 
 from __future__ import annotations
