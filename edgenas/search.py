@@ -245,7 +245,9 @@ class Display:
                 f"evaluators {self.eval_s / 3600 / hours / self.search.workers:.0%} busy") if self.done else ""
         n, w = len(archive.pending()), self.search.workers  # measured or waiting for a worker
         measuring = f" | workers {min(n, w)}/{w} busy" + (f", {n - w} waiting" if n > w else "") if w > 1 else ""
-        return f"{best_text} | valid {stats['valid_rate']:.0%} | tokens {stats['tokens']:,}{pace}{measuring}"
+        waiting = len(archive.waiting_for_target())  # graphs the device agents have not measured yet
+        on_device = f" | {waiting} waiting for the device" if waiting else ""
+        return f"{best_text} | valid {stats['valid_rate']:.0%} | tokens {stats['tokens']:,}{pace}{measuring}{on_device}"
 
     def update(self, candidate, archive) -> None:
         self.done, self.llm_s, self.eval_s = self.done + 1, self.llm_s + candidate.llm_seconds, self.eval_s + candidate.eval_seconds
