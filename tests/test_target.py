@@ -113,6 +113,22 @@ def test_a_graph_waits_while_the_agent_is_down_and_is_measured_when_it_answers(t
         archive.close()
 
 
+def test_targets_measure_sends_what_a_finished_run_left_waiting(tmp_path, graph):
+    config = targets_config(tmp_path, "http://127.0.0.1:9")
+    archive = Archive(tmp_path / "run")
+    archive.add(target.Targets(config, tmp_path / "run", TOKEN).prepare(waiting_candidate(0), graph))
+    archive.close()
+    agent = InProcessAgent()
+    try:  # the run's agent moved: --url gives the new address
+        moved = config.model_copy(update={"target": config.target.model_copy(update={"url": agent.url})})
+        assert target.measure_waiting(moved, tmp_path / "run") == (1, 0)
+    finally:
+        agent.stop()
+    archive = Archive(tmp_path / "run", readonly=True)
+    assert archive.get(0).result.target.status == "measured" and archive.waiting_for_target() == []
+    archive.close()
+
+
 def test_a_model_the_agent_refuses_is_not_asked_again_and_the_candidate_stays_valid(tmp_path):
     agent = InProcessAgent()
     archive = Archive(tmp_path / "run")
@@ -306,9 +322,9 @@ def test_a_search_survives_the_agent_being_killed_and_restarted(tmp_path, device
 
 
 def test_what_waits_when_no_agent_answered_is_measured_later_and_the_token_is_never_written(tmp_path, device_python):
-    """A search whose agent never answers goes on and says how to measure later; `edgenas targets --measure` does it
-    once an agent is up (a wrong token leaves them waiting with the reason). A candidate that prints the token (as
-    if it had read it) finds it scrubbed from everything written."""
+    """A search whose agent never answers goes on and says how to measure later; once an agent is up, the next
+    session measures what waits (`edgenas targets --measure` with a wrong token had left them waiting, with the
+    reason). A candidate that prints the token (as if it had read it) finds it scrubbed from everything written."""
     port, token_file, config = agent_search(tmp_path, iterations=3)
     leaky = tmp_path / "leaky.py"
     leaky.write_text(f"print('the token is {TOKEN}')\n" + program("good_cnn.py"))
@@ -316,7 +332,8 @@ def test_what_waits_when_no_agent_answered_is_measured_later_and_the_token_is_ne
     searched = run_cli("search", "--config", config, "--run-dir", run, "--seed-program", leaky, "--json")
     assert searched.returncode == 0, searched.stderr
     assert f"edgenas targets {run} --measure" in searched.stderr
-    assert {t for _, s, t in target_rows(run) if s == "ok"} == {"waiting"}
+    waited = [i for i, s, t in target_rows(run) if s == "ok" and t == "waiting"]
+    assert waited and waited == [i for i, s, _ in target_rows(run) if s == "ok"]
     wrong = tmp_path / "wrong"
     wrong.write_text("not-the-token-at-all\n")
     agent = start_agent(device_python, port, token_file, tmp_path)
@@ -325,13 +342,14 @@ def test_what_waits_when_no_agent_answered_is_measured_later_and_the_token_is_ne
         assert refused.returncode == 0 and "still wait" in refused.stderr
         reasons = [r["target_reason"] for r in json.loads(run_cli("show", run, "--json").stdout) if r["status"] == "ok"]
         assert "answered 401" in reasons[0]
-        measured = run_cli("targets", run, "--measure", "--json")
-        assert measured.returncode == 0, measured.stderr
+        resumed = run_cli("search", "--run-dir", run, "--iterations", 4)
+        assert resumed.returncode == 0 and "earlier sessions wait for their target latency: queued" in resumed.stderr
     finally:
         agent.kill()
         agent.wait()
-    summary = json.loads(measured.stdout)["candidates"]
-    assert summary["waiting"] == 0 and summary["measured"] == len([1 for _, s, _ in target_rows(run) if s == "ok"])
+    summary = json.loads(run_cli("targets", run, "--json").stdout)["candidates"]
+    measured = [i for i, s, t in target_rows(run) if s == "ok" and t == "measured"]
+    assert summary["waiting"] == 0 and set(waited) <= set(measured) and summary["measured"] == len(measured)
     assert run_cli("report", run).returncode == 0
     for path in run.rglob("*"):
         if path.is_file():
