@@ -196,6 +196,9 @@ class TargetConfig(Section):
         for url in self.urls:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"target.url must start with http:// or https://, got {url!r}")
+            if "@" in url.split("/")[2]:
+                raise ValueError("target.url must not hold credentials (user:password@): the agent's token goes in "
+                                 "target.token_file")
         if self.url is not None and not self.urls:
             raise ValueError("target.url is an empty list; leave it out to measure on this machine")
         if self.urls and not self.token_file:

@@ -72,8 +72,9 @@ class Evaluator:
         if problem:
             return EvalResult(status=Status.failed, failure=problem, stage="static", stage_seconds={"static": static_s}, **base)
         self.peer.send({"kind": "evaluate", "code": code, "stages": list(stages) if stages else None, "run": run})
-        # the job's time limit, then as long again for the trusted side to measure its graph
-        reply = self.peer.receive(2 * self.config.eval.timeout_s + MEASURE_MARGIN_S)
+        # the job's time limit, then as long again for the trusted side to measure its graph (and for its target)
+        stages_s = 3 if self.config.target is not None else 2
+        reply = self.peer.receive(stages_s * self.config.eval.timeout_s + MEASURE_MARGIN_S)
         self.last_graph = b""
         if reply is None or reply.kind != "record":
             if not self.closed:

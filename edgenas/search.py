@@ -37,8 +37,10 @@ def _flat(data: dict, prefix: str = "") -> dict:
 def config_changes(saved: Config, given: Config) -> dict[str, tuple]:
     """{dotted key: (saved, given)} for every value that differs, other than those a resume may change."""
     old, new = _flat(saved.model_dump(mode="json")), _flat(given.model_dump(mode="json"))
+    # an agent may move, but agent and local latencies are not comparable: target.url may not come or go
+    fixed = {"target.url"} if (old.get("target.url") is None) != (new.get("target.url") is None) else set()
     return {key: (old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
-            if key not in RESUMABLE and old.get(key) != new.get(key)}
+            if (key not in RESUMABLE or key in fixed) and old.get(key) != new.get(key)}
 
 
 def resolve(config_file, overrides: list[str], run_dir) -> tuple[Config, Path, bool]:

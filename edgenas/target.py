@@ -20,6 +20,7 @@ import json
 import math
 import os
 import queue
+import sys
 import threading
 import time
 from pathlib import Path
@@ -31,11 +32,18 @@ from edgenas.records import Candidate, Failure, FailureKind, Status, TargetLaten
 
 
 class AgentDown(Exception):
-    """The agent did not measure (unreachable, too slow, an error of its own, a token it refuses): try again later."""
+    """The agent did not measure (unreachable, an error of its own, a token it refuses): try again later."""
+
+
+class AgentSlow(AgentDown):
+    """No answer within target.timeout_s: the agent may still be measuring, so a graph is tried only SLOW_TRIES times."""
 
 
 class Refused(Exception):
     """The agent refused this graph (not runnable there, too large for it): asking again would not help."""
+
+
+SLOW_TRIES = 3
 
 
 def device_line(device: dict) -> str:
@@ -45,8 +53,12 @@ def device_line(device: dict) -> str:
 
 
 def over_budget(target: TargetLatency, max_ms: float | None) -> str | None:
-    if max_ms is None or target.status != "measured" or target.p50_ms <= max_ms:
+    """Why a candidate breaks budget.max_target_latency_ms: too slow there, or the target cannot run it at all."""
+    if max_ms is None or target.status == "waiting" or (target.status == "measured" and target.p50_ms <= max_ms):
         return None
+    if target.status == "failed":
+        return (f"the model is {target.render()}, so it cannot be shown to meet the target latency budget of "
+                f"{max_ms:g} ms; use standard layers the target's onnxruntime runs")
     return (f"{target.render()} exceeds the target latency budget of {max_ms:g} ms; make it faster on the target "
             f"(fewer MACs in the early high-resolution layers, fewer layers, cheaper ops)")
 
@@ -105,22 +117,24 @@ def post(url: str, token: str, graph: bytes, cfg: TargetConfig) -> dict:
         status, body = response.status, response.read()
         conn.close()
     except TimeoutError:
-        raise AgentDown(f"no answer within target.timeout_s ({cfg.timeout_s:g} s)") from None
-    except (OSError, http.client.HTTPException) as e:
+        raise AgentSlow(f"no answer within target.timeout_s ({cfg.timeout_s:g} s)") from None
+    except (OSError, http.client.HTTPException, ValueError) as e:
         raise AgentDown(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
     try:
         reply = json.loads(body)
-    except ValueError:
-        raise AgentDown(f"answered {status} with a body that is not JSON") from None
+    except ValueError:  # e.g. a proxy's HTML page
+        reply = {"error": " ".join(body[:200].decode(errors="replace").split())}
     error = str(reply.get("error", ""))[:300] if isinstance(reply, dict) else ""
     if status in (400, 413, 422):
         raise Refused(f"the agent refused it ({status}): {error}")
     if status != 200:  # 401: a wrong token stays wrong until a session starts with the right one
         raise AgentDown(f"answered {status}: {error}")
-    if not (isinstance(reply, dict) and all(isinstance(reply.get(k), int | float) and math.isfinite(reply[k])
-                                            and reply[k] >= 0 for k in ("p50_ms", "p90_ms"))):
-        raise AgentDown("answered without valid p50_ms and p90_ms")
-    return reply
+    try:
+        if all(float(reply[k]) >= 0 and math.isfinite(float(reply[k])) for k in ("p50_ms", "p90_ms")):
+            return reply
+    except (TypeError, KeyError, ValueError, OverflowError):
+        pass
+    raise AgentDown("answered without valid p50_ms and p90_ms")
 
 
 class Targets:
@@ -147,6 +161,12 @@ class Targets:
         attempts = target.attempts + 1
         try:
             reply = post(url, self.token, graph, self.cfg)
+        except AgentSlow as e:
+            if attempts < SLOW_TRIES:
+                return target.model_copy(update={"status": "waiting", "agent": url, "attempts": attempts, "reason": (
+                    f"{url}: {e}; tried {attempts} time(s), measured when an agent answers")})
+            return target.model_copy(update={"status": "failed", "agent": url, "attempts": attempts, "reason": (
+                f"{url}: {e} in {attempts} tries; raise target.timeout_s or lower target.runs")})
         except AgentDown as e:
             return target.model_copy(update={"status": "waiting", "agent": url, "attempts": attempts, "reason": (
                 f"{url}: {redact.scrub(str(e))}; tried {attempts} time(s), measured when an agent answers")})
@@ -225,22 +245,34 @@ class Targets:
         archive = Archive(self.run_dir)
         try:
             while (iteration := self._next()) is not None:
-                candidate = archive.get(iteration)
-                target = candidate.result.target if candidate and candidate.result else None
-                if target is None or target.status != "waiting":
-                    continue
-                path = self._path(iteration)
-                target = (self.measure(path.read_bytes(), target) if path.is_file() else target.model_copy(
-                    update={"status": "failed", "reason": f"its graph is gone ({path} was deleted)"}))
-                archive.revise(with_target(candidate, target, self.budget_ms))
-                if target.status != "waiting":
-                    path.unlink(missing_ok=True)
+                try:
+                    done = self._one(archive, iteration)
+                except Exception as e:  # noqa: BLE001 - a busy archive, an unreadable file: this graph waits on
+                    done = False
+                    print(f"warning: target latency of iteration {iteration}: {type(e).__name__}: "
+                          f"{redact.scrub(str(e))[:200]}", file=sys.stderr)
+                if done:
                     continue
                 with self.changed:
                     heapq.heappush(self.due, (time.monotonic() + self.cfg.retry_s, iteration))
                     self.stopping = self.stopping or self.draining  # the agent is down: what waits, waits for later
         finally:
             archive.close()
+
+    def _one(self, archive, iteration: int) -> bool:
+        """Measure one waiting graph and write the result; False when it still waits."""
+        candidate = archive.get(iteration)
+        target = candidate.result.target if candidate and candidate.result else None
+        if target is None or target.status != "waiting":
+            return True
+        path = self._path(iteration)
+        target = (self.measure(path.read_bytes(), target) if path.is_file() else target.model_copy(
+            update={"status": "failed", "reason": f"its graph is gone ({path} was deleted)"}))
+        archive.revise(with_target(candidate, target, self.budget_ms))
+        if target.status == "waiting":
+            return False
+        path.unlink(missing_ok=True)
+        return True
 
 
 def measure_waiting(config: Config, run_dir: str | Path) -> tuple[int, int]:

@@ -26,6 +26,7 @@ def test_overrides_are_typed(tmp_path):
     ("target.url=http://127.0.0.1:8765", "target.url needs target.token_file"),
     ("target.url=127.0.0.1:8765", "target.url must start with http:// or https://"),
     ("target.precision=int4", "config key 'target.precision'"),
+    ("target.url=http://me:secret@10.0.0.2:8765", "target.url must not hold credentials"),
 ])
 def test_bad_keys_are_one_line_errors_naming_the_key(override, words):
     with pytest.raises(ConfigError) as info:

@@ -177,6 +177,39 @@ def test_a_best_found_over_the_budget_after_the_fact_loses_its_promotion():
     assert kept.is_best and kept.status == "ok" and kept.outcome.target == "9.00 ms on the target (fp32, batch 1, 1 thread(s))"
 
 
+def test_under_a_budget_a_model_the_target_cannot_run_is_a_budget_failure():
+    refused = TargetLatency(status="failed", reason="the agent refused it (422): cannot measure this model")
+    failed = target.with_target(waiting_candidate(1, is_best=True), refused, max_ms=5.0)
+    assert (failed.status, failed.is_best) == ("failed", False) and "cannot be shown to meet" in failed.outcome.diagnostic
+    assert target.with_target(waiting_candidate(1, is_best=True), refused, max_ms=None).is_best  # no budget: it stays
+
+
+def test_an_agent_that_never_answers_is_given_up_on_after_a_few_tries(tmp_path, graph):
+    """A request past target.timeout_s may still be running there: the graph is tried SLOW_TRIES times, then failed."""
+    silent = socket.socket()  # accepts connections (the kernel does) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    config = targets_config(tmp_path, f"http://127.0.0.1:{silent.getsockname()[1]}", **{"target.timeout_s": 0.3})
+    targets = target.Targets(config, tmp_path / "run", TOKEN)
+    try:
+        t = waiting_candidate(0).result.target
+        for _ in range(target.SLOW_TRIES):
+            t = targets.measure(graph, t)
+        assert t.status == "failed" and t.attempts == target.SLOW_TRIES and "raise target.timeout_s" in t.reason
+    finally:
+        targets.close(drain=False)
+        silent.close()
+
+
+def test_a_resume_may_move_the_agent_but_not_switch_between_agent_and_local(tmp_path):
+    from edgenas.search import config_changes
+
+    agent = targets_config(tmp_path, "http://10.0.0.2:8765")
+    moved = targets_config(tmp_path, "http://10.0.0.3:8765")
+    local = load_config(None, ["target.runs=5", "target.timeout_s=20", "target.retry_s=0.2"])
+    assert config_changes(agent, moved) == {} and set(config_changes(agent, local)) == {"target.url"}
+
+
 def test_prompts_show_the_target_latency_and_its_budget():
     from edgenas.prompts import Task, improver_messages
 
