@@ -52,7 +52,7 @@ def start_agent(token_file: Path, core: int) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def with_target(config, arm, url: str, token_file: Path):
+def targeted(config, arm, url: str, token_file: Path):
     config = config.model_copy(deep=True)
     if arm is not None:
         where, precision = arm
@@ -105,7 +105,7 @@ def main() -> None:
             for round_ in range(args.repeats):
                 for arm, setting in ARMS.items():
                     fake.responder = responder(0.0, 0.0)  # the same programs, in the same order, in every arm
-                    out = search(with_target(config, setting, url, token_file), Path(tmp) / f"{arm}-{round_}")
+                    out = search(targeted(config, setting, url, token_file), Path(tmp) / f"{arm}-{round_}")
                     times[arm].append(out["per_iteration_s"])
                     arrived[arm] += out["arrived_s"]
                     quantize[arm] += out["quantize_s"]
@@ -117,7 +117,7 @@ def main() -> None:
                 mutate = load_config(REPO / "configs" / "quickstart.yaml", [
                     "dataset.name=folder", f"dataset.root={args.data_root}", f"search.iterations={args.spearman_iterations}",
                     "search.report_every=null"])
-                out = search(with_target(mutate, ("agent", "int8"), url, token_file), Path(tmp) / "mutate")
+                out = search(targeted(mutate, ("agent", "int8"), url, token_file), Path(tmp) / "mutate")
                 spearman = {"agreement": history.proxy_agreement(out["candidates"]),
                             "valid": sum(c.status == "ok" for c in out["candidates"]),
                             "iterations": len(out["candidates"])}

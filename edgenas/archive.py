@@ -155,9 +155,9 @@ class Archive:
 
     def waiting_for_target(self) -> list[int]:
         """Measured candidates whose target latency is still to be measured."""
-        return [row[0] for row in self.db.execute(
-            "SELECT iteration FROM candidates WHERE json_extract(record, '$.result.target.status')='waiting' "
-            "ORDER BY iteration")]
+        return [row[0] for row in self.db.execute(  # the plain columns first: only those rows' JSON is parsed
+            "SELECT iteration FROM candidates WHERE status='ok' AND target_latency_ms IS NULL AND "
+            "json_extract(record, '$.result.target.status')='waiting' ORDER BY iteration")]
 
     def next_iteration(self) -> int:
         return self.db.execute("SELECT COALESCE(MAX(iteration) + 1, 0) FROM candidates").fetchone()[0]

@@ -198,7 +198,7 @@ def run_search(config: Config, run_dir: Path, resuming: bool, seed_program: str 
             (run_dir / "config.yaml").write_text(redact.scrub(dump_config(config)))
             archive.event("resume" if resuming else "start", iteration=archive.next_iteration(),
                           workers=[e.where for e in evaluators], environment=environment())
-            with Display(console, config.search, archive) as display:
+            with Display(console, config.search, archive, agents=bool(token)) as display:
                 def on_iteration(candidate, archive):
                     display.update(candidate, archive)
                     every = config.search.report_every
@@ -226,12 +226,13 @@ class Display:
     """Live progress: iteration, best accuracy, last outcome, valid rate, tokens, throughput and how busy the LLM
     and the evaluation slots were this session."""
 
-    def __init__(self, console, search, archive):
+    def __init__(self, console, search, archive, agents: bool = False):
+        """`agents`: the run sends graphs to device agents, so the line counts those still waiting."""
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.console = console or Console(stderr=True)
-        self.search = search
+        self.search, self.agents = search, agents
         self.done, self.llm_s, self.eval_s = 0, 0.0, 0.0
         self.started = time.monotonic()
         self.progress = Progress(TextColumn("search"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
@@ -247,7 +248,7 @@ class Display:
                 f"evaluators {self.eval_s / 3600 / hours / self.search.workers:.0%} busy") if self.done else ""
         n, w = len(archive.pending()), self.search.workers  # measured or waiting for a worker
         measuring = f" | workers {min(n, w)}/{w} busy" + (f", {n - w} waiting" if n > w else "") if w > 1 else ""
-        waiting = len(archive.waiting_for_target())  # graphs the device agents have not measured yet
+        waiting = len(archive.waiting_for_target()) if self.agents else 0  # graphs the agents have not measured
         on_device = f" | {waiting} waiting for the device" if waiting else ""
         return f"{best_text} | valid {stats['valid_rate']:.0%} | tokens {stats['tokens']:,}{pace}{measuring}{on_device}"
 

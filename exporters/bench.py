@@ -93,11 +93,12 @@ def random_input(node, batch: int) -> np.ndarray:
 
 
 def bench(model_path: str | os.PathLike | bytes, threads: int | None = None, runs: int = 200, warmup: int = 20,
-          batch: int = 1) -> dict:
-    """Latency percentiles of `runs` timed session.run calls after `warmup` untimed ones.
+          batch: int = 1, deadline: float | None = None) -> dict:
+    """Latency percentiles of `runs` timed session.run calls after `warmup` untimed ones (fewer past `deadline`, a
+    time.monotonic() value).
 
     threads=None uses every core this process may run on. Only session.run sits inside the timer. The model is a
-    path, or the file's bytes (the device agent's case).
+    path, or the file's bytes (the device agent's and the search's case).
     """
     if runs < 1 or warmup < 0 or batch < 1:
         raise ValueError("runs and batch must be >= 1 and warmup >= 0")
@@ -105,7 +106,7 @@ def bench(model_path: str | os.PathLike | bytes, threads: int | None = None, run
     sess = session(model_path, threads)
     node = sess.get_inputs()[0]
     feed = {node.name: random_input(node, batch)}
-    times = timed_runs(sess, feed, runs, warmup)
+    times = timed_runs(sess, feed, runs, warmup, deadline)
     p50 = float(np.percentile(times, 50))
     return {
         "model": f"{len(model_path):,} bytes" if isinstance(model_path, bytes) else str(model_path), "p50_ms": p50, "p90_ms": float(np.percentile(times, 90)),

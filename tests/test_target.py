@@ -129,6 +129,22 @@ def test_targets_measure_sends_what_a_finished_run_left_waiting(tmp_path, graph)
     archive.close()
 
 
+def test_the_progress_line_counts_what_waits_for_the_device(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from edgenas.config import SearchConfig
+    from edgenas.search import Display
+
+    archive = Archive(tmp_path / "run")
+    archive.add(waiting_candidate(0))
+    quiet = Console(file=io.StringIO())
+    assert "1 waiting for the device" in Display(quiet, SearchConfig(), archive, agents=True)._describe(archive)
+    assert "waiting for the device" not in Display(quiet, SearchConfig(), archive)._describe(archive)
+    archive.close()
+
+
 def test_a_model_the_agent_refuses_is_not_asked_again_and_the_candidate_stays_valid(tmp_path):
     agent = InProcessAgent()
     archive = Archive(tmp_path / "run")
